@@ -1,0 +1,3 @@
+module github.com/ambient-mesh/ambient/cni-plugin
+
+go 1.26.0
