@@ -1,0 +1,70 @@
+# One entry point for building, testing and demonstrating the mesh.
+# `make demo` brings the local cluster up with deploy/ applied; `make test` runs
+# every module's unit tests and the end-to-end suite on the local cluster.
+
+SHELL := /bin/bash
+ROOT := $(abspath .)
+export AMBIENT_CACHE ?= /var/cache/ambient-mesh
+export AMBIENT_BIN ?= $(ROOT)/_output/bin
+export AMBIENT_CLUSTER_DIR ?= /var/lib/ambient-mesh/cluster
+export AMBIENT_IMAGE_TABLE ?= $(ROOT)/e2e/cluster/images.yaml
+export KUBE_BIN ?= $(AMBIENT_CACHE)/kube-v1.36.3
+export CNI_BIN ?= $(AMBIENT_CACHE)/cni-plugins-v1.9.1
+KUBECTL := $(KUBE_BIN)/kubectl
+KUBECONFIG_PATH := $(AMBIENT_CLUSTER_DIR)/kubeconfig
+# Modules of the workspace; a module without packages yet is skipped.
+MODULES := api bpf cni-plugin e2e istiod-lite waypoint ztunnel
+E2E_TIMEOUT ?= 30m
+
+.PHONY: all build build-deps generate verify test test-unit test-e2e cluster cluster-down demo bench clean
+
+all: build
+
+## build: our binaries into _output/bin
+build:
+	@mkdir -p $(AMBIENT_BIN)
+	go build -o $(AMBIENT_BIN)/ ./e2e/cmd/...
+
+## build-deps: Kubernetes binaries and CNI plugins from the Go module proxy (cached)
+build-deps:
+	e2e/hack/build-kube.sh
+
+## generate: regenerate the protobuf Go code
+generate:
+	hack/generate.sh
+
+## verify: generated code and CRDs match their sources
+verify:
+	hack/verify-generate.sh
+	hack/sync-crds.sh --verify
+
+## test: verify, unit tests of every module, end-to-end suite on the local cluster
+test: verify test-unit test-e2e
+
+test-unit:
+	@pkgs=$$(for m in $(MODULES); do go list ./$$m/... 2>/dev/null; done); \
+	  go vet $$pkgs && go test -count=1 $$pkgs
+
+test-e2e: build build-deps
+	go test -count=1 -tags e2e -timeout $(E2E_TIMEOUT) -v ./e2e/tests/... 2>&1 | tee _output/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)'; exit $${PIPESTATUS[0]}
+
+## cluster: bring the local cluster up; prints `export KUBECONFIG=...`
+cluster: build build-deps
+	$(AMBIENT_BIN)/localcluster up
+
+cluster-down:
+	@if [ -x $(AMBIENT_BIN)/localcluster ]; then $(AMBIENT_BIN)/localcluster down; \
+	  else go run ./e2e/cmd/localcluster down; fi
+
+## demo: the cluster, with deploy/ applied, shown
+demo: cluster
+	$(KUBECTL) --kubeconfig $(KUBECONFIG_PATH) apply --server-side -k deploy/
+	$(KUBECTL) --kubeconfig $(KUBECONFIG_PATH) get nodes,pods -A -o wide
+	@echo "export KUBECONFIG=$(KUBECONFIG_PATH)"
+
+## bench: benchmarks of the local cluster (pod creation to Ready)
+bench: build build-deps
+	go test -tags e2e -run '^$$' -bench . -benchtime 20x ./e2e/tests/...
+
+clean: cluster-down
+	rm -rf _output
