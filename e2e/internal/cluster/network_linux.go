@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -157,6 +158,19 @@ func inNetNS(name string, fn func() error) error {
 // whether or not this process made them.
 func teardownNetwork() error {
 	var errs []error
+	// Links first: deleting a host veth end deletes its peer at once, while a
+	// deleted namespace releases its links only when the kernel gets to it.
+	links, err := netlink.LinkList()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Name, namePrefix) {
+			if err := netlink.LinkDel(l); err != nil && !errors.Is(err, syscall.ENODEV) {
+				errs = append(errs, fmt.Errorf("deleting link %s: %w", l.Attrs().Name, err))
+			}
+		}
+	}
 	entries, _ := os.ReadDir(netnsDir)
 	for _, e := range entries {
 		if !strings.HasPrefix(e.Name(), namePrefix+"-") {
@@ -164,17 +178,6 @@ func teardownNetwork() error {
 		}
 		if err := netns.DeleteNamed(e.Name()); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("deleting netns %s: %w", e.Name(), err))
-		}
-	}
-	links, err := netlink.LinkList()
-	if err != nil {
-		return errors.Join(append(errs, err)...)
-	}
-	for _, l := range links {
-		if strings.HasPrefix(l.Attrs().Name, namePrefix) {
-			if err := netlink.LinkDel(l); err != nil && !errors.Is(err, os.ErrNotExist) {
-				errs = append(errs, fmt.Errorf("deleting link %s: %w", l.Attrs().Name, err))
-			}
 		}
 	}
 	return errors.Join(errs...)
