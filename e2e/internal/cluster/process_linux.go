@@ -40,7 +40,9 @@ func (c *Config) start(p proc) (int, error) {
 	}
 	defer logf.Close()
 	env := append(os.Environ(), p.env...)
-	env = append(env, markerEnv+"="+c.Dir, roleEnv+"="+p.role)
+	// kube-proxy runs nft, nodelet nsenter: make sure sbin is searched.
+	env = append(env, "PATH="+os.Getenv("PATH")+":/usr/local/sbin:/usr/sbin:/sbin",
+		markerEnv+"="+c.Dir, roleEnv+"="+p.role)
 	var cmd *exec.Cmd
 	if p.netns != "" {
 		cmd, err = nsexec.Command(nsexec.Spec{NetNS: filepath.Join(netnsDir, p.netns), Argv: p.argv})
