@@ -37,7 +37,7 @@ type Spec struct {
 	// Capabilities, when non-nil, is the capability bounding set the child
 	// keeps (names like "CAP_NET_ADMIN"); every other capability is dropped
 	// from the bounding set before exec. Nil keeps all capabilities.
-	Capabilities []string `json:"capabilities,omitempty"`
+	Capabilities []string `json:"capabilities"`
 	// Argv is the program and its arguments. Argv[0] must be a path.
 	Argv []string `json:"argv"`
 }

@@ -30,9 +30,12 @@ func enterAndExec(spec Spec) error {
 		if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {
 			return fmt.Errorf("unsharing mount namespace: %w", err)
 		}
-		// Keep our mounts from propagating back to the host.
-		if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-			return fmt.Errorf("making / private: %w", err)
+		// Slave, not private: the container's mounts never reach the host,
+		// but mounts the host makes later under a shared mount (a new pod
+		// netns under a node's var/run/netns) still show up in the container,
+		// as with Kubernetes' HostToContainer propagation.
+		if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_SLAVE, ""); err != nil {
+			return fmt.Errorf("making / a mount slave: %w", err)
 		}
 		for _, m := range spec.Mounts {
 			if err := unix.Mount(m.Source, m.Target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {

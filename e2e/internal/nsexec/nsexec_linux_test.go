@@ -107,3 +107,10 @@ func TestAnEmptyArgvIsRefused(t *testing.T) {
 		t.Errorf("Command(empty) error = %v, want ErrNoArgv", err)
 	}
 }
+
+func TestDroppingEveryCapabilityKeepsNone(t *testing.T) {
+	out := run(t, Spec{Capabilities: []string{}, Argv: []string{"grep", "CapBnd", "/proc/self/status"}})
+	if !strings.HasSuffix(strings.TrimSpace(out), "0000000000000000") {
+		t.Errorf("bounding set line %q, want empty", out)
+	}
+}
