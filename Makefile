@@ -56,10 +56,16 @@ cluster-down:
 	@if [ -x $(AMBIENT_BIN)/localcluster ]; then $(AMBIENT_BIN)/localcluster down; \
 	  else go run ./e2e/cmd/localcluster down; fi
 
-## demo: the cluster, with deploy/ applied, shown
+## demo: the cluster with deploy/ and a demo workload applied, shown
 demo: cluster
 	$(KUBECTL) --kubeconfig $(KUBECONFIG_PATH) apply --server-side -k deploy/
-	$(KUBECTL) --kubeconfig $(KUBECONFIG_PATH) get nodes,pods -A -o wide
+	$(KUBECTL) --kubeconfig $(KUBECONFIG_PATH) apply -f e2e/cluster/demo.yaml
+	$(KUBECTL) --kubeconfig $(KUBECONFIG_PATH) -n demo rollout status deployment/echo --timeout 60s
+	$(KUBECTL) --kubeconfig $(KUBECONFIG_PATH) -n demo wait pod/client --for condition=Ready --timeout 60s
+	$(KUBECTL) --kubeconfig $(KUBECONFIG_PATH) get nodes,pods,services -A -o wide
+	@echo "# a request from the client pod to the echo Service's ClusterIP:"
+	$(KUBECTL) --kubeconfig $(KUBECONFIG_PATH) -n demo exec client -- \
+	  $(AMBIENT_BIN)/load-client --target http://$$($(KUBECTL) --kubeconfig $(KUBECONFIG_PATH) -n demo get svc echo -o jsonpath='{.spec.clusterIP}')/ --requests 1 --print-body
 	@echo "export KUBECONFIG=$(KUBECONFIG_PATH)"
 
 ## bench: benchmarks of the local cluster (pod creation to Ready)

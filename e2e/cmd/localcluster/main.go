@@ -56,10 +56,12 @@ func main() {
 		fs.Usage()
 		os.Exit(2)
 	}
+	if errors.Is(err, cluster.ErrAlreadyUp) {
+		log.Printf("a cluster is already up in %s; `localcluster down` removes it", cfg.Dir)
+		fmt.Printf("export KUBECONFIG=%s\n", cfg.KubeconfigPath())
+		return
+	}
 	if err != nil {
-		if errors.Is(err, cluster.ErrAlreadyUp) {
-			fmt.Printf("export KUBECONFIG=%s\n", cfg.KubeconfigPath())
-		}
 		log.Fatalf("%s: %v", verb, err)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -55,6 +56,7 @@ func Up(ctx context.Context, cfg Config) (err error) {
 	defer func() {
 		if err != nil {
 			cfg.logf("up failed, tearing down: %v", err)
+			cfg.logTails(40)
 			if derr := Down(cfg); derr != nil {
 				err = errors.Join(err, derr)
 			}
@@ -88,7 +90,7 @@ func Up(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
-	if err := waitAPIServer(ctx, client); err != nil {
+	if err := waitAPIServer(ctx, client, cfg.apiserverPID); err != nil {
 		return fmt.Errorf("waiting for kube-apiserver (see %s): %w", cfg.path("logs", "kube-apiserver.log"), err)
 	}
 	cfg.logf("kube-apiserver ready after %s", time.Since(start).Round(time.Millisecond))
@@ -171,7 +173,7 @@ func (c *Config) writePKI(nodes []Node) error {
 	}
 	// The service-account signing key pair; the apiserver verifies with the
 	// public half and signs bound tokens with the private one.
-	if err := ca.issue(dir, "sa", certSpec{CommonName: "service-accounts"}); err != nil {
+	if err := writeKeyPair(dir, "sa"); err != nil {
 		return err
 	}
 	kubeconfigs := map[string]string{
@@ -275,16 +277,16 @@ func (c *Config) startControlPlane() error {
 		"--kubelet-certificate-authority=" + pki("ca.crt"),
 		"--kubelet-preferred-address-types=InternalIP",
 		"--service-account-issuer=https://kubernetes.default.svc." + clusterDomain,
-		"--service-account-key-file=" + pki("sa.key"),
+		"--service-account-key-file=" + pki("sa.pub"),
 		"--service-account-signing-key-file=" + pki("sa.key"),
 		"--profiling=false",
 	}}
-	for _, p := range []proc{etcd, apiserver} {
-		if _, err := c.start(p); err != nil {
-			return err
-		}
+	if _, err := c.start(etcd); err != nil {
+		return err
 	}
-	return nil
+	pid, err := c.start(apiserver)
+	c.apiserverPID = pid
+	return err
 }
 
 func (c *Config) startControllers() error {
@@ -363,8 +365,11 @@ func bootstrapRBAC(ctx context.Context, client kubernetes.Interface) error {
 	return nil
 }
 
-func waitAPIServer(ctx context.Context, client kubernetes.Interface) error {
+func waitAPIServer(ctx context.Context, client kubernetes.Interface, pid int) error {
 	return wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 60*time.Second, true, func(ctx context.Context) (bool, error) {
+		if waitGone([]int{pid}, 0) {
+			return false, errors.New("kube-apiserver exited")
+		}
 		body, err := client.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
 		return err == nil && string(body) == "ok", nil
 	})
@@ -417,20 +422,27 @@ func Down(cfg Config) error {
 	}
 	var errs []error
 	procs := clusterProcesses(cfg.Dir)
-	// Nodelets first: they stop their pods and run CNI DEL.
-	var nodelets, others []int
+	// Nodelets first, so they stop their pods and run CNI DEL; etcd last, since
+	// an apiserver whose etcd is gone takes minutes to shut down.
+	stages := [][]int{nil, nil, nil}
 	for pid, role := range procs {
-		if strings.HasPrefix(role, "nodelet-") {
-			nodelets = append(nodelets, pid)
-		} else {
-			others = append(others, pid)
+		switch {
+		case strings.HasPrefix(role, "nodelet-"):
+			stages[0] = append(stages[0], pid)
+		case role == "etcd":
+			stages[2] = append(stages[2], pid)
+		default:
+			stages[1] = append(stages[1], pid)
 		}
 	}
-	if err := stopAll(nodelets, 20*time.Second); err != nil {
-		errs = append(errs, err)
-	}
-	if err := stopAll(others, 10*time.Second); err != nil {
-		errs = append(errs, err)
+	for i, pids := range stages {
+		grace := 10 * time.Second
+		if i == 0 {
+			grace = 20 * time.Second
+		}
+		if err := stopAll(pids, grace); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	// Whatever still runs inside a node or pod namespace (containers whose
 	// nodelet died first) goes too.
@@ -459,7 +471,47 @@ func Down(cfg Config) error {
 	if err := os.RemoveAll(cfg.Dir); err != nil {
 		errs = append(errs, fmt.Errorf("removing %s: %w", cfg.Dir, err))
 	}
+	// The default dir's parent is ours too; leave anyone else's parent alone.
+	if parent := filepath.Dir(cfg.Dir); filepath.Base(parent) == "ambient-mesh" {
+		os.Remove(parent)
+	}
 	return errors.Join(errs...)
+}
+
+// Leftovers lists what of a cluster in cfg.Dir still exists: processes,
+// network namespaces, links, mounts and the state dir. After Down it is empty.
+func Leftovers(cfg Config) []string {
+	if err := cfg.absolutePaths(); err != nil {
+		return []string{err.Error()}
+	}
+	var left []string
+	for pid, role := range clusterProcesses(cfg.Dir) {
+		if !isZombie(pid) {
+			left = append(left, fmt.Sprintf("process %d (%s)", pid, role))
+		}
+	}
+	for _, f := range ourNetNSFiles(cfg.Dir) {
+		left = append(left, "netns "+f)
+	}
+	if links, err := netlink.LinkList(); err == nil {
+		for _, l := range links {
+			if strings.HasPrefix(l.Attrs().Name, namePrefix) {
+				left = append(left, "link "+l.Attrs().Name)
+			}
+		}
+	}
+	if raw, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		for _, line := range strings.Split(string(raw), "\n") {
+			if f := strings.Fields(line); len(f) > 4 && strings.HasPrefix(unescapeMountPath(f[4]), cfg.Dir+"/") {
+				left = append(left, "mount "+f[4])
+			}
+		}
+	}
+	if _, err := os.Stat(cfg.Dir); err == nil {
+		left = append(left, "dir "+cfg.Dir)
+	}
+	sort.Strings(left)
+	return left
 }
 
 // ourNetNSFiles lists the node namespaces and the pod namespaces nodelets
@@ -550,6 +602,23 @@ func removeCreatedMountpoints(dir string) error {
 		os.Remove(p) // fails, harmlessly, on a dir that is not empty
 	}
 	return nil
+}
+
+// logTails reports the last lines of every component log, since Down is about
+// to delete them.
+func (c *Config) logTails(n int) {
+	logs, _ := filepath.Glob(c.path("logs", "*.log"))
+	for _, l := range logs {
+		raw, err := os.ReadFile(l)
+		if err != nil || len(raw) == 0 {
+			continue
+		}
+		lines := strings.Split(strings.TrimRight(string(raw), "\n"), "\n")
+		if len(lines) > n {
+			lines = lines[len(lines)-n:]
+		}
+		c.logf("--- last lines of %s:\n%s", filepath.Base(l), strings.Join(lines, "\n"))
+	}
 }
 
 func copyFile(src, dst string, mode os.FileMode) error {

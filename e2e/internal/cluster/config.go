@@ -60,8 +60,10 @@ type Config struct {
 	ImageTable string
 	// Etcd is the etcd binary (Debian's etcd-server).
 	Etcd string
-	// Verbose makes Up report each step on Log.
+	// Log, when set, receives a line per step of Up and Down.
 	Log func(format string, args ...any)
+
+	apiserverPID int // set by Up, to notice an early exit
 }
 
 func (c *Config) logf(format string, args ...any) {

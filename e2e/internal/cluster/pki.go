@@ -101,6 +101,23 @@ func (a *authority) write(dir, name string) error {
 	return writeKey(filepath.Join(dir, name+".key"), a.key)
 }
 
+// writeKeyPair writes a bare key pair as <name>.key and <name>.pub (PKIX), for
+// the service-account token signer.
+func writeKeyPair(dir, name string) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	pub, err := x509.MarshalPKIXPublicKey(key.Public())
+	if err != nil {
+		return err
+	}
+	if err := writePEM(filepath.Join(dir, name+".pub"), "PUBLIC KEY", pub, 0o644); err != nil {
+		return err
+	}
+	return writeKey(filepath.Join(dir, name+".key"), key)
+}
+
 func writeKey(path string, key crypto.Signer) error {
 	der, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {

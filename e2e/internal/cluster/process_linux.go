@@ -17,7 +17,7 @@ import (
 
 // markerEnv is set on every process the launcher starts, with the cluster dir
 // as value, so Down finds them again without trusting pid files.
-const markerEnv = "AMBIENT_CLUSTER_DIR"
+const markerEnv = "AMBIENT_LOCALCLUSTER_OWNER"
 
 // roleEnv names the part a process plays (etcd, kube-apiserver, nodelet-node1, ...).
 const roleEnv = "AMBIENT_CLUSTER_ROLE"

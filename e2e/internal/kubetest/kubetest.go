@@ -45,7 +45,7 @@ func Main(m *testing.M) {
 	os.Exit(run(m))
 }
 
-func run(m *testing.M) int {
+func run(m *testing.M) (code int) {
 	cfg := cluster.DefaultConfig()
 	cfg.Log = log.Printf
 	reuse := os.Getenv(reuseEnv) == "1"
@@ -60,6 +60,12 @@ func run(m *testing.M) int {
 		defer func() {
 			if err := cluster.Down(cfg); err != nil {
 				log.Printf("tearing the cluster down: %v", err)
+				code = 1
+			}
+			// Down must leave no trace; a suite that leaks fails.
+			if left := cluster.Leftovers(cfg); len(left) > 0 {
+				log.Printf("left after teardown: %s", strings.Join(left, "; "))
+				code = 1
 			}
 		}()
 	}
