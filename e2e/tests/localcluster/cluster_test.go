@@ -84,12 +84,15 @@ func TestTwoReplicaDeploymentAcrossNodes(t *testing.T) {
 		t.Fatalf("replicas on nodes %v, want two different nodes", nodes)
 	}
 	loadClient := filepath.Join(env.Config.BinDir, "load-client")
-	request := func(t *testing.T, target string) echoReply {
-		t.Helper()
+	try := func(target string) (string, error) {
 		ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 		defer cancel()
-		out, err := env.RunKubectl(ctx, "exec", "-n", ns, "client", "--", loadClient,
+		return env.RunKubectl(ctx, "exec", "-n", ns, "client", "--", loadClient,
 			"--target", "http://"+target+"/", "--requests", "1", "--print-body")
+	}
+	request := func(t *testing.T, target string) echoReply {
+		t.Helper()
+		out, err := try(target)
 		if err != nil {
 			t.Fatalf("request to %s from the client pod: %v", target, err)
 		}
@@ -114,9 +117,15 @@ func TestTwoReplicaDeploymentAcrossNodes(t *testing.T) {
 		}
 	})
 	t.Run("the ClusterIP reaches both replicas", func(t *testing.T) {
+		// kube-proxy programs the Service asynchronously, as on any cluster.
+		vip := svc.Spec.ClusterIP + ":80"
+		env.WaitFor(t, 15*time.Second, "kube-proxy to program "+vip, func(context.Context) (bool, error) {
+			_, err := try(vip)
+			return err == nil, nil
+		})
 		seen := map[string]bool{}
 		for i := 0; i < 30 && len(seen) < 2; i++ {
-			seen[request(t, svc.Spec.ClusterIP+":80").Pod] = true
+			seen[request(t, vip).Pod] = true
 		}
 		if len(seen) != 2 {
 			t.Errorf("30 requests to the ClusterIP reached %v, want both replicas", seen)
@@ -150,10 +159,11 @@ func TestTwoReplicaDeploymentAcrossNodes(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "exit status 3") {
 			t.Errorf("exec of `exit 3` returned %v, want exit status 3", err)
 		}
-		out, err = env.RunKubectl(ctx, "exec", "-i", "-n", ns, "client", "--", "cat")
-		_ = out
-		if err != nil {
-			t.Errorf("exec with stdin: %v", err)
+		cmd := env.KubectlCmd(ctx, "exec", "-i", "-n", ns, "client", "--", "cat")
+		cmd.Stdin = strings.NewReader("through stdin")
+		got, err := cmd.Output()
+		if err != nil || string(got) != "through stdin" {
+			t.Errorf("exec -i cat = %q, %v; want stdin echoed", got, err)
 		}
 	})
 	t.Run("kubectl port-forward reaches the pod", func(t *testing.T) {
