@@ -21,11 +21,11 @@ import (
 // container's mount and network namespaces.
 var nsenterPath = "nsenter"
 
-// command builds `nsenter --target <pid> --mount --net --wd -- argv...` with
+// command builds `nsenter --target <pid> --mount --net --uts --wd -- argv...` with
 // the container's environment, so PATH lookups and the working directory are
 // the container's.
 func (e containerExecutor) command(ctx context.Context, argv []string) *exec.Cmd {
-	args := []string{"--target", strconv.Itoa(e.pid), "--mount", "--net", "--wd", "--"}
+	args := []string{"--target", strconv.Itoa(e.pid), "--mount", "--net", "--uts", "--wd", "--"}
 	cmd := exec.CommandContext(ctx, nsenterPath, append(args, argv...)...)
 	if env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", e.pid)); err == nil {
 		for kv := range bytes.SplitSeq(env, []byte{0}) {

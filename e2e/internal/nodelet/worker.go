@@ -674,6 +674,7 @@ func (w *podWorker) prepare(ctx context.Context, pod *corev1.Pod, spec *corev1.C
 			PrivateMounts: true,
 			Mounts:        mounts,
 			Capabilities:  capabilities(spec.SecurityContext),
+			Hostname:      w.hostname(pod),
 			Argv:          argv,
 		},
 		Env: env,
@@ -684,14 +685,19 @@ func (w *podWorker) prepare(ctx context.Context, pod *corev1.Pod, spec *corev1.C
 // runtimeEnv is what a container runtime puts in every container's
 // environment before the pod's own variables (which override it).
 func (w *podWorker) runtimeEnv(pod *corev1.Pod) []string {
-	host := pod.Name
-	if pod.Spec.Hostname != "" {
-		host = pod.Spec.Hostname
+	return []string{"PATH=" + containerPath, "HOSTNAME=" + w.hostname(pod), "HOME=/root"}
+}
+
+// hostname is the pod's host name: spec.hostname or the pod name, and the
+// node's name for host-network pods.
+func (w *podWorker) hostname(pod *corev1.Pod) string {
+	switch {
+	case pod.Spec.HostNetwork:
+		return w.n.cfg.NodeName
+	case pod.Spec.Hostname != "":
+		return pod.Spec.Hostname
 	}
-	if pod.Spec.HostNetwork {
-		host = w.n.cfg.NodeName
-	}
-	return []string{"PATH=" + containerPath, "HOSTNAME=" + host, "HOME=/root"}
+	return pod.Name
 }
 
 // capabilities returns the capability bounding set for a container: nil

@@ -38,6 +38,9 @@ type Spec struct {
 	// keeps (names like "CAP_NET_ADMIN"); every other capability is dropped
 	// from the bounding set before exec. Nil keeps all capabilities.
 	Capabilities []string `json:"capabilities"`
+	// Hostname, when set, gives the child its own UTS namespace with this
+	// host name, as a pod's containers have.
+	Hostname string `json:"hostname,omitempty"`
 	// Argv is the program and its arguments. Argv[0] must be a path.
 	Argv []string `json:"argv"`
 }

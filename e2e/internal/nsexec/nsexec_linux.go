@@ -49,6 +49,14 @@ func enterAndExec(spec Spec) error {
 			}
 		}
 	}
+	if spec.Hostname != "" {
+		if err := unix.Unshare(unix.CLONE_NEWUTS); err != nil {
+			return fmt.Errorf("unsharing UTS namespace: %w", err)
+		}
+		if err := unix.Sethostname([]byte(spec.Hostname)); err != nil {
+			return fmt.Errorf("setting hostname %q: %w", spec.Hostname, err)
+		}
+	}
 	if spec.Capabilities != nil {
 		if err := limitBoundingSet(spec.Capabilities); err != nil {
 			return err

@@ -114,3 +114,17 @@ func TestDroppingEveryCapabilityKeepsNone(t *testing.T) {
 		t.Errorf("bounding set line %q, want empty", out)
 	}
 }
+
+func TestTheChildGetsItsOwnHostname(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for UTS namespaces")
+	}
+	before, _ := os.Hostname()
+	out := run(t, Spec{Hostname: "pod-a", Argv: []string{"cat", "/proc/sys/kernel/hostname"}})
+	if strings.TrimSpace(out) != "pod-a" {
+		t.Errorf("child hostname = %q, want pod-a", out)
+	}
+	if after, _ := os.Hostname(); after != before {
+		t.Errorf("the parent's hostname changed from %q to %q", before, after)
+	}
+}

@@ -293,7 +293,7 @@ func runTCP(ctx context.Context, s *corev1.TCPSocketAction, t Target, ports []co
 }
 
 // runExec runs the command in the container's mount and network namespaces:
-// nsenter --target <pid> --mount --net -- argv...
+// nsenter --target <pid> --mount --net --uts -- argv...
 func runExec(ctx context.Context, e *corev1.ExecAction, t Target, timeout time.Duration) (bool, string) {
 	if len(e.Command) == 0 {
 		return false, "exec probe has no command"
@@ -301,7 +301,7 @@ func runExec(ctx context.Context, e *corev1.ExecAction, t Target, timeout time.D
 	if t.ContainerPID <= 0 {
 		return false, "no container process to exec in"
 	}
-	args := append([]string{"--target", strconv.Itoa(t.ContainerPID), "--mount", "--net", "--"}, e.Command...)
+	args := append([]string{"--target", strconv.Itoa(t.ContainerPID), "--mount", "--net", "--uts", "--"}, e.Command...)
 	cmd := exec.CommandContext(ctx, "nsenter", args...)
 	cmd.Env = t.Env
 	if cmd.Env == nil {
