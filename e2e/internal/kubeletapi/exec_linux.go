@@ -8,25 +8,25 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"strconv"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/creack/pty"
 	"k8s.io/cri-streaming/pkg/streaming/remotecommand"
+
+	"github.com/ambient-mesh/ambient/e2e/internal/nsexec"
 )
 
-// nsenterPath is the util-linux nsenter that puts exec'd commands in the
-// container's mount and network namespaces.
-var nsenterPath = "nsenter"
-
-// command builds `nsenter --target <pid> --mount --net --uts --wd -- argv...` with
-// the container's environment, so PATH lookups and the working directory are
-// the container's.
-func (e containerExecutor) command(ctx context.Context, argv []string) *exec.Cmd {
-	args := []string{"--target", strconv.Itoa(e.pid), "--mount", "--net", "--uts", "--wd", "--"}
-	cmd := exec.CommandContext(ctx, nsenterPath, append(args, argv...)...)
+// command builds the nsenter command line of nsexec.EnterArgv (the
+// container's namespaces, working directory and capability bounding set) with
+// the container's environment, so PATH lookups are the container's.
+func (e containerExecutor) command(ctx context.Context, argv []string) (*exec.Cmd, error) {
+	full, err := nsexec.EnterArgv(e.pid, true, argv)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.CommandContext(ctx, full[0], full[1:]...)
 	if env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", e.pid)); err == nil {
 		for kv := range bytes.SplitSeq(env, []byte{0}) {
 			if len(kv) > 0 {
@@ -38,7 +38,7 @@ func (e containerExecutor) command(ctx context.Context, argv []string) *exec.Cmd
 		cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 	}
 	cmd.WaitDelay = execWaitDelay
-	return cmd
+	return cmd, nil
 }
 
 // ExecInContainer runs cmd in the container, copying in to its stdin and its
@@ -50,7 +50,10 @@ func (e containerExecutor) ExecInContainer(ctx context.Context, _, _, _ string, 
 		ctx, cancel = context.WithTimeout(ctx, timeout)
 		defer cancel()
 	}
-	cmd := e.command(ctx, argv)
+	cmd, err := e.command(ctx, argv)
+	if err != nil {
+		return err
+	}
 	if tty {
 		return runTTY(cmd, in, out, resize)
 	}

@@ -4,12 +4,15 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 func TestMain(m *testing.M) {
@@ -126,5 +129,50 @@ func TestTheChildGetsItsOwnHostname(t *testing.T) {
 	}
 	if after, _ := os.Hostname(); after != before {
 		t.Errorf("the parent's hostname changed from %q to %q", before, after)
+	}
+}
+
+func TestEnteringAContainerKeepsItsBoundingSet(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for nsenter")
+	}
+	cmd, err := Command(Spec{Capabilities: []string{"NET_RAW", "KILL"}, Argv: []string{"sleep", "30"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	SetEnv(cmd, []string{"PATH=/usr/bin:/bin"})
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	// Wait until the shim has exec'd into sleep with the reduced set.
+	var argv []string
+	for i := 0; i < 200; i++ {
+		if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", cmd.Process.Pid)); strings.TrimSpace(string(comm)) == "sleep" {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	argv, err = EnterArgv(cmd.Process.Pid, false, []string{"grep", "CapBnd", "/proc/self/status"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %v\n%s", argv, err, out)
+	}
+	// CAP_KILL is bit 5, CAP_NET_RAW bit 13.
+	if !strings.HasSuffix(strings.TrimSpace(string(out)), "0000000000002020") {
+		t.Errorf("exec'd command bounding set %q, want only KILL and NET_RAW", out)
+	}
+}
+
+func TestBoundingSetNames(t *testing.T) {
+	full := uint64(1)<<(unix.CAP_LAST_CAP+1) - 1
+	if _, limited := boundingSetNames(full, full); limited {
+		t.Error("the caller's own set is reported as limited")
+	}
+	if got, _ := boundingSetNames(1<<unix.CAP_NET_ADMIN|1<<unix.CAP_CHOWN, full); got != "-all,+chown,+net_admin" {
+		t.Errorf("names = %q", got)
 	}
 }

@@ -23,6 +23,8 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/ambient-mesh/ambient/e2e/internal/nsexec"
 )
 
 // Kind says which probe a Watch runs; it decides the starting state and when
@@ -292,8 +294,7 @@ func runTCP(ctx context.Context, s *corev1.TCPSocketAction, t Target, ports []co
 	return true, ""
 }
 
-// runExec runs the command in the container's mount and network namespaces:
-// nsenter --target <pid> --mount --net --uts -- argv...
+// runExec runs the command in the container as nsexec.EnterArgv does.
 func runExec(ctx context.Context, e *corev1.ExecAction, t Target, timeout time.Duration) (bool, string) {
 	if len(e.Command) == 0 {
 		return false, "exec probe has no command"
@@ -301,8 +302,11 @@ func runExec(ctx context.Context, e *corev1.ExecAction, t Target, timeout time.D
 	if t.ContainerPID <= 0 {
 		return false, "no container process to exec in"
 	}
-	args := append([]string{"--target", strconv.Itoa(t.ContainerPID), "--mount", "--net", "--uts", "--"}, e.Command...)
-	cmd := exec.CommandContext(ctx, "nsenter", args...)
+	argv, err := nsexec.EnterArgv(t.ContainerPID, false, e.Command)
+	if err != nil {
+		return false, err.Error()
+	}
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Env = t.Env
 	if cmd.Env == nil {
 		cmd.Env = []string{}
