@@ -72,6 +72,9 @@ func run() error {
 		return fmt.Errorf("loading kubeconfig: %w", err)
 	}
 	restCfg.UserAgent = "nodelet/" + nodelet.KubeletVersion + " (" + *nodeName + ")"
+	// The kubelet's defaults (kubeAPIQPS 50, kubeAPIBurst 100); client-go's
+	// own 5/10 throttles a node starting a few pods to seconds per pod.
+	restCfg.QPS, restCfg.Burst = 50, 100
 	client, err := kubernetes.NewForConfig(restCfg)
 	if err != nil {
 		return fmt.Errorf("building api client: %w", err)

@@ -261,6 +261,11 @@ func (c *Config) startControlPlane() error {
 		"--initial-advertise-peer-urls=http://127.0.0.1:" + strconv.Itoa(etcdPeerPort),
 		"--initial-cluster=ambk=http://127.0.0.1:" + strconv.Itoa(etcdPeerPort),
 		"--listen-metrics-urls=", "--log-level=warn",
+		// etcd 3.4 lacks on-demand progress requests, so the apiserver's watch
+		// cache learns the current revision only from these notifications;
+		// without them a quiet cluster answers fresh watches and lists with
+		// "Too large resource version" after a 3 s wait.
+		"--experimental-watch-progress-notify-interval=100ms",
 	}}
 	api := APIServerAddr().String()
 	apiserver := proc{role: "kube-apiserver", argv: []string{filepath.Join(c.KubeBin, "kube-apiserver"),
