@@ -79,6 +79,9 @@ func Up(ctx context.Context, cfg Config) (err error) {
 		if err := setupNodeNetwork(n, nodes); err != nil {
 			return err
 		}
+		if err := routePodCIDR(n); err != nil {
+			return err
+		}
 		if err := cfg.prepareNodeRoot(n); err != nil {
 			return err
 		}
@@ -504,6 +507,9 @@ func Leftovers(cfg Config) []string {
 				left = append(left, "link "+l.Attrs().Name)
 			}
 		}
+	}
+	if _, err := netlink.RouteGet(net.IP(KubernetesServiceIP().AsSlice())); err != nil {
+		left = append(left, "route unreachable "+serviceCIDR.String())
 	}
 	if raw, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
 		for _, line := range strings.Split(string(raw), "\n") {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // netnsDir is where iproute2 and this launcher keep named network namespaces.
@@ -36,6 +37,31 @@ func setupUnderlay() error {
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("bringing up bridge %s: %w", bridgeName, err)
+	}
+	// The root namespace holds the control plane and the tests; nothing here
+	// runs kube-proxy, so a ClusterIP sent from here would follow the
+	// machine's default route out. Make the Service range unreachable.
+	if err := netlink.RouteReplace(serviceRangeGuard()); err != nil {
+		return fmt.Errorf("guarding %s in the root netns: %w", serviceCIDR, err)
+	}
+	return nil
+}
+
+func serviceRangeGuard() *netlink.Route {
+	return &netlink.Route{Dst: prefixNet(serviceCIDR), Type: unix.RTN_UNREACHABLE}
+}
+
+// routePodCIDR routes a node's pod range from the root namespace through the
+// node, as a control-plane node's routes do, so the apiserver and tests on this
+// side reach pod IPs (and nothing for that range follows the default route).
+func routePodCIDR(n Node) error {
+	br, err := netlink.LinkByName(bridgeName)
+	if err != nil {
+		return err
+	}
+	r := &netlink.Route{LinkIndex: br.Attrs().Index, Dst: prefixNet(n.PodCIDR), Gw: net.IP(n.IP.AsSlice())}
+	if err := netlink.RouteReplace(r); err != nil {
+		return fmt.Errorf("routing %s via %s from the root netns: %w", n.PodCIDR, n.Name, err)
 	}
 	return nil
 }
@@ -158,6 +184,9 @@ func inNetNS(name string, fn func() error) error {
 // whether or not this process made them.
 func teardownNetwork() error {
 	var errs []error
+	if err := netlink.RouteDel(serviceRangeGuard()); err != nil && !errors.Is(err, syscall.ESRCH) {
+		errs = append(errs, fmt.Errorf("removing the %s guard route: %w", serviceCIDR, err))
+	}
 	// Links first: deleting a host veth end deletes its peer at once, while a
 	// deleted namespace releases its links only when the kernel gets to it.
 	links, err := netlink.LinkList()

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -27,6 +28,23 @@ func TestNodeNetworksAreBuiltAndRemovedWithoutATrace(t *testing.T) {
 	for _, n := range nodes {
 		if err := setupNodeNetwork(n, nodes); err != nil {
 			t.Fatal(err)
+		}
+		if err := routePodCIDR(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// From the root namespace: pod ranges go to their node, Service
+	// addresses nowhere.
+	for dst, wantGw := range map[string]string{"10.244.2.7": "172.30.0.12", "10.96.0.1": ""} {
+		routes, err := netlink.RouteGet(net.ParseIP(dst))
+		if wantGw == "" {
+			if err == nil {
+				t.Errorf("root netns routes %s via %v, want unreachable", dst, routes)
+			}
+			continue
+		}
+		if err != nil || len(routes) == 0 || routes[0].Gw.String() != wantGw {
+			t.Errorf("root netns route to %s = %v (%v), want via %s", dst, routes, err, wantGw)
 		}
 	}
 	err := inNetNS(nodes[0].NetNS, func() error {
@@ -59,6 +77,14 @@ func TestNodeNetworksAreBuiltAndRemovedWithoutATrace(t *testing.T) {
 	}
 	if err := teardownNetwork(); err != nil {
 		t.Fatal(err)
+	}
+	if routes, _ := netlink.RouteGet(net.ParseIP("10.96.0.1")); len(routes) > 0 && routes[0].LinkIndex != 0 {
+		if l, _ := netlink.LinkByIndex(routes[0].LinkIndex); l != nil && strings.HasPrefix(l.Attrs().Name, namePrefix) {
+			t.Errorf("a route through %s is left", l.Attrs().Name)
+		}
+	}
+	if _, err := netlink.RouteGet(net.ParseIP("10.96.0.1")); err != nil {
+		t.Errorf("the Service range guard is left: %v", err)
 	}
 	if left, _ := filepath.Glob(filepath.Join(netnsDir, namePrefix+"-*")); len(left) > 0 {
 		t.Errorf("namespaces left: %v", left)
