@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -71,6 +72,9 @@ func Up(ctx context.Context, cfg Config) (err error) {
 	nodes := cfg.nodes()
 	if err := cfg.writePKI(nodes); err != nil {
 		return fmt.Errorf("writing certificates: %w", err)
+	}
+	if err := cfg.mountBPFFS(); err != nil {
+		return err
 	}
 	if err := setupUnderlay(); err != nil {
 		return err
@@ -476,6 +480,9 @@ func Down(cfg Config) error {
 	if err := removeCreatedMountpoints(cfg.Dir); err != nil {
 		errs = append(errs, err)
 	}
+	if err := cfg.unmountBPFFS(); err != nil {
+		errs = append(errs, err)
+	}
 	if err := os.RemoveAll(cfg.Dir); err != nil {
 		errs = append(errs, fmt.Errorf("removing %s: %w", cfg.Dir, err))
 	}
@@ -520,6 +527,9 @@ func Leftovers(cfg Config) []string {
 	}
 	if _, err := os.Stat(cfg.Dir); err == nil {
 		left = append(left, "dir "+cfg.Dir)
+	}
+	if _, err := os.Stat(bpfPinDir); err == nil {
+		left = append(left, "bpf pins "+bpfPinDir)
 	}
 	sort.Strings(left)
 	return left
@@ -613,6 +623,39 @@ func removeCreatedMountpoints(dir string) error {
 		os.Remove(p) // fails, harmlessly, on a dir that is not empty
 	}
 	return nil
+}
+
+// bpffsPath is where nodes keep pinned eBPF objects; bpfPinDir is the mesh's
+// part of it (redirection programs and socket maps per pod).
+const (
+	bpffsPath = "/sys/fs/bpf"
+	bpfPinDir = bpffsPath + "/ambient"
+)
+
+// mountBPFFS mounts bpffs where a node image would have it, remembering in
+// the state dir that we did, so Down unmounts only what Up mounted.
+func (c *Config) mountBPFFS() error {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(bpffsPath, &st); err == nil && st.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if err := syscall.Mount("bpf", bpffsPath, "bpf", 0, ""); err != nil {
+		return fmt.Errorf("mounting bpffs at %s: %w", bpffsPath, err)
+	}
+	return os.WriteFile(c.path("bpffs-mounted"), nil, 0o644)
+}
+
+func (c *Config) unmountBPFFS() error {
+	var errs []error
+	if err := os.RemoveAll(bpfPinDir); err != nil {
+		errs = append(errs, fmt.Errorf("removing pins under %s: %w", bpfPinDir, err))
+	}
+	if _, err := os.Stat(c.path("bpffs-mounted")); err == nil {
+		if err := syscall.Unmount(bpffsPath, 0); err != nil {
+			errs = append(errs, fmt.Errorf("unmounting %s: %w", bpffsPath, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // logTails reports the last lines of every component log, since Down is about
