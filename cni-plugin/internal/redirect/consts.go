@@ -1,0 +1,57 @@
+package redirect
+
+import "net/netip"
+
+// Protocol facts shared by the engines, the node-side probe SNAT and ztunnel.
+// Each is defined once here; bpf/ repeats the ones its C code needs.
+const (
+	// ZtunnelMark is the SO_MARK ztunnel puts on every socket it opens in a pod's
+	// netns, so that nothing it sends is captured again.
+	ZtunnelMark uint32 = 0x539
+	// ZtunnelMarkMask is the part of the packet mark that carries ZtunnelMark;
+	// other bits belong to whoever else marks packets.
+	ZtunnelMarkMask uint32 = 0xfff
+
+	// OutboundPort is ztunnel's outbound capture listener inside the pod netns.
+	OutboundPort uint16 = 15001
+	// InboundPlaintextPort is ztunnel's inbound plaintext capture listener.
+	InboundPlaintextPort uint16 = 15006
+	// HBONEPort is ztunnel's inbound HBONE (mTLS) listener; never redirected.
+	HBONEPort uint16 = 15008
+	// DNSPort is ztunnel's DNS proxy listener (UDP), used only when DNS capture is on.
+	DNSPort uint16 = 15053
+	// dnsServerPort is the port of the DNS queries captured when DNS capture is on.
+	dnsServerPort uint16 = 53
+
+	// routeTable is the policy-routing table of the eBPF engine whose only routes
+	// are `local 0.0.0.0/0 dev lo` and `local ::/0 dev lo`.
+	routeTable = 133
+	// Rule priorities of the eBPF engine, below the main table's 32766 and above
+	// the kernel's priority-0 `lookup local`.
+	rulePriorityProbeReply = 99  // to ProbeSource lookup main
+	rulePriorityZtunnel    = 100 // fwmark ZtunnelMark/ZtunnelMarkMask lookup main
+	rulePriorityCapture    = 101 // lookup routeTable
+
+	// tableName is the nftables table (family inet) inside a pod's netns.
+	tableName = "ambient"
+	// nodeTableName is the nftables table (family ip) in the node's netns.
+	nodeTableName = "ambient-node"
+	// enrolledSetName is the set of enrolled pod IPs in nodeTableName.
+	enrolledSetName = "enrolled"
+
+	// probeMark is the packet-mark bit the node's output chain sets on node-originated
+	// TCP to an enrolled pod and the node's postrouting chain consumes (and clears)
+	// to SNAT it to ProbeSource. A single bit outside the ranges kube-proxy
+	// (0x4000, 0x8000), Cilium (0x0f00) and ztunnel (0xfff) use.
+	probeMark uint32 = 0x0020_0000
+)
+
+// ProbeSource is the source address (Istio's) of node-originated traffic to an
+// enrolled pod after the node's probe SNAT; redirection inside the pod leaves
+// traffic from it alone, so kubelet probes reach the application directly.
+var ProbeSource = netip.MustParseAddr("169.254.7.127")
+
+var (
+	loopback4 = netip.MustParsePrefix("127.0.0.0/8")
+	loopback6 = netip.IPv6Loopback()
+)
