@@ -13,7 +13,7 @@ export CNI_BIN ?= $(AMBIENT_CACHE)/cni-plugins-v1.9.1
 KUBECTL := $(KUBE_BIN)/kubectl
 KUBECONFIG_PATH := $(AMBIENT_CLUSTER_DIR)/kubeconfig
 # Modules of the workspace; a module without packages yet is skipped.
-MODULES := api bpf cni-plugin e2e istiod-lite waypoint ztunnel
+MODULES := api bpf cni-plugin e2e istiod-lite pkg waypoint ztunnel
 E2E_TIMEOUT ?= 30m
 
 .PHONY: all build build-deps generate verify test test-unit test-e2e cluster cluster-down demo bench clean
@@ -23,7 +23,7 @@ all: build
 ## build: our binaries into _output/bin
 build:
 	@mkdir -p $(AMBIENT_BIN)
-	go build -o $(AMBIENT_BIN)/ ./e2e/cmd/...
+	go build -o $(AMBIENT_BIN)/ ./e2e/cmd/... ./istiod-lite/cmd/...
 
 ## build-deps: Kubernetes binaries and CNI plugins from the Go module proxy (cached)
 build-deps:
@@ -32,10 +32,12 @@ build-deps:
 ## generate: regenerate the protobuf Go code
 generate:
 	hack/generate.sh
+	bpf/generate.sh
 
 ## verify: generated code and CRDs match their sources
 verify:
 	hack/verify-generate.sh
+	bpf/generate.sh --verify
 	hack/sync-crds.sh --verify
 
 ## test: verify, unit tests of every module, end-to-end suite on the local cluster

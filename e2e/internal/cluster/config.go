@@ -130,11 +130,31 @@ func DefaultConfig() Config {
 		Nodes:      2,
 		KubeBin:    envOr("KUBE_BIN", filepath.Join(cacheDir(), "kube-"+KubernetesVersion)),
 		CNIBin:     envOr("CNI_BIN", filepath.Join(cacheDir(), "cni-plugins-v1.9.1")),
-		BinDir:     envOr("AMBIENT_BIN", "_output/bin"),
-		ImageTable: envOr("AMBIENT_IMAGE_TABLE", "e2e/cluster/images.yaml"),
+		BinDir:     envOr("AMBIENT_BIN", filepath.Join(repoRoot(), "_output/bin")),
+		ImageTable: envOr("AMBIENT_IMAGE_TABLE", filepath.Join(repoRoot(), "e2e/cluster/images.yaml")),
 		Etcd:       envOr("ETCD", "/usr/bin/etcd"),
 	}
 }
+
+// repoRoot is the checkout's top directory (the one holding go.work) above the
+// working directory, or the working directory when there is none.
+func repoRoot() string {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "."
+	}
+	for d := dir; ; d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.work")); err == nil {
+			return d
+		}
+		if filepath.Dir(d) == d {
+			return dir
+		}
+	}
+}
+
+// RepoRoot is the checkout's top directory, for tests that apply deploy/.
+func RepoRoot() string { return repoRoot() }
 
 func cacheDir() string { return envOr("AMBIENT_CACHE", "/var/cache/ambient-mesh") }
 

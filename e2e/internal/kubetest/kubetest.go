@@ -40,12 +40,16 @@ var env *Env
 
 // Main brings the cluster up, runs the package's tests and tears it down. It
 // must be called from TestMain.
-func Main(m *testing.M) {
+func Main(m *testing.M) { MainWith(m, nil) }
+
+// MainWith is Main with a setup step (installing the mesh, say) run once the
+// cluster is up and before the tests.
+func MainWith(m *testing.M, setup func(*Env) error) {
 	nsexec.Init() // the launcher re-executes this binary to enter node namespaces
-	os.Exit(run(m))
+	os.Exit(run(m, setup))
 }
 
-func run(m *testing.M) (code int) {
+func run(m *testing.M, setup func(*Env) error) (code int) {
 	cfg := cluster.DefaultConfig()
 	cfg.Log = log.Printf
 	reuse := os.Getenv(reuseEnv) == "1"
@@ -81,7 +85,23 @@ func run(m *testing.M) (code int) {
 		return 1
 	}
 	env = &Env{Config: cfg, Client: client, Kubectl: filepath.Join(cfg.KubeBin, "kubectl")}
+	if setup != nil {
+		if err := setup(env); err != nil {
+			log.Printf("setting up the suite: %v", err)
+			return 1
+		}
+	}
 	return m.Run()
+}
+
+// InstallMesh applies deploy/ as a user would and waits for istiod-lite to be
+// Ready.
+func (e *Env) InstallMesh(ctx context.Context) error {
+	if out, err := e.RunKubectl(ctx, "apply", "--server-side", "-k", filepath.Join(cluster.RepoRoot(), "deploy")); err != nil {
+		return fmt.Errorf("applying deploy/: %w\n%s", err, out)
+	}
+	_, err := e.RunKubectl(ctx, "-n", "istio-system", "rollout", "status", "deployment/istiod", "--timeout=120s")
+	return err
 }
 
 // Get returns the environment Main set up.
