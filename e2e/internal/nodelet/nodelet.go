@@ -161,11 +161,11 @@ func New(cfg Config) (*Nodelet, error) {
 		podsDir:  filepath.Join(cfg.Root, "var/lib/kubelet/pods"),
 		logsDir:  filepath.Join(cfg.Root, "var/log/pods"),
 		records:  pidRecords{dir: filepath.Join(cfg.Root, "var/lib/nodelet/pids")},
-		network:  newNetwork(cfg.CNIConfDir, cfg.CNIBinDir, filepath.Join(cfg.Root, "var/lib/cni")),
 		workers:  map[types.UID]*podWorker{},
 		byName:   map[string]types.UID{},
 	}
 	n.volumes = &volume.Manager{Client: cfg.Client, NodeRoot: cfg.Root, PodsDir: n.podsDir}
+	n.network = newNetwork(cfg.CNIConfDir, cfg.CNIBinDir, filepath.Join(cfg.Root, "var/lib/cni"), n.volumes.NodeRunMounts)
 	return n, nil
 }
 

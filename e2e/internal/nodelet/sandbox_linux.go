@@ -12,11 +12,14 @@ import (
 	"strings"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
 	cnitypes "github.com/containernetworking/cni/pkg/types"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/ambient-mesh/ambient/e2e/internal/nsexec"
 )
 
 // podIfName is the interface name the CNI chain creates in every pod.
@@ -35,11 +38,15 @@ type network struct {
 	cacheDir string
 }
 
-func newNetwork(confDir, binDir, cacheDir string) *network {
+func newNetwork(confDir, binDir, cacheDir string, runMounts func() ([]nsexec.Mount, error)) *network {
+	var exec invoke.Exec
+	if runMounts != nil {
+		exec = &pluginExec{DefaultExec: &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: os.Stderr}}, mounts: runMounts}
+	}
 	return &network{
 		confDir:  confDir,
 		cacheDir: cacheDir,
-		cni:      libcni.NewCNIConfigWithCacheDir([]string{binDir}, cacheDir, nil),
+		cni:      libcni.NewCNIConfigWithCacheDir([]string{binDir}, cacheDir, exec),
 	}
 }
 

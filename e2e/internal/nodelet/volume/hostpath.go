@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+
+	"github.com/ambient-mesh/ambient/e2e/internal/nsexec"
 )
 
 // hostShared are the host paths every node shares: kernel interfaces that
@@ -88,4 +90,36 @@ func want(path string, info fs.FileInfo, ok bool, what string) error {
 		return nil
 	}
 	return fmt.Errorf("hostPath %s is not %s (mode %s)", path, what, info.Mode())
+}
+
+// NodeRunMounts returns bind mounts that give a host process the node's view
+// of /var/run: each directory hostPath volumes made under NodeRoot/var/run
+// (the CNI agent's socket dir, say) mounted at its /var/run path. nodelet runs
+// the node's CNI plugins with them, so a path a DaemonSet pod wrote into the
+// CNI config means the same to the plugin as on a real node. The pod netns
+// dir is left out: plugins get CNI_NETNS explicitly.
+func (m *Manager) NodeRunMounts() ([]nsexec.Mount, error) {
+	entries, err := os.ReadDir(filepath.Join(m.NodeRoot, "var", "run"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading the node's /var/run: %w", err)
+	}
+	var mounts []nsexec.Mount
+	for _, e := range entries {
+		if !e.IsDir() || e.Name() == "netns" {
+			continue
+		}
+		target := filepath.Join("/var/run", e.Name())
+		created, err := ensureTarget(target, true)
+		if rerr := m.record(created); rerr != nil {
+			return nil, rerr
+		}
+		if err != nil {
+			return nil, fmt.Errorf("preparing %s: %w", target, err)
+		}
+		mounts = append(mounts, nsexec.Mount{Source: filepath.Join(m.NodeRoot, "var", "run", e.Name()), Target: target})
+	}
+	return mounts, nil
 }
