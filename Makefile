@@ -48,7 +48,7 @@ test-unit:
 	  go vet $$pkgs && go test -count=1 $$pkgs
 
 test-e2e: build build-deps
-	go test -count=1 -tags e2e -timeout $(E2E_TIMEOUT) -v ./e2e/tests/... 2>&1 | tee _output/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)'; exit $${PIPESTATUS[0]}
+	go test -p 1 -count=1 -tags e2e -timeout $(E2E_TIMEOUT) -v ./e2e/tests/... 2>&1 | tee _output/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)'; exit $${PIPESTATUS[0]}
 
 ## cluster: bring the local cluster up; prints `export KUBECONFIG=...`
 cluster: build build-deps
@@ -72,7 +72,7 @@ demo: cluster
 
 ## bench: benchmarks of the local cluster (pod creation to Ready)
 bench: build build-deps
-	go test -tags e2e -run '^$$' -bench . -benchtime 20x ./e2e/tests/...
+	go test -p 1 -tags e2e -run '^$$' -bench . -benchtime 20x ./e2e/tests/...
 
 clean: cluster-down
 	rm -rf _output

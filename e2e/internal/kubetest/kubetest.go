@@ -39,7 +39,8 @@ type Env struct {
 var env *Env
 
 // Main brings the cluster up, runs the package's tests and tears it down. It
-// must be called from TestMain.
+// must be called from TestMain. There is one cluster per machine, so suites
+// run one package at a time (`go test -p 1`).
 func Main(m *testing.M) { MainWith(m, nil) }
 
 // MainWith is Main with a setup step (installing the mesh, say) run once the
