@@ -27,6 +27,7 @@ const podLookupTimeout = 5 * time.Second
 // pod. Without ztunnel it fails with cniapi.ErrUnavailable, having undone
 // everything, so the runtime retries (fail closed).
 func (a *Agent) Add(ctx context.Context, r *cniapi.PodRequest) (*cniapi.Response, error) {
+	start := time.Now()
 	if !a.synced.Load() {
 		return nil, fmt.Errorf("%w: agent is starting", cniapi.ErrUnavailable)
 	}
@@ -79,9 +80,10 @@ func (a *Agent) Add(ctx context.Context, r *cniapi.PodRequest) (*cniapi.Response
 		}
 		return nil, fmt.Errorf("enrolling pod %s: %w", r, err)
 	}
-	a.log.Info("pod enrolled", "pod", p.String(), "netns", p.inode, "via", p.via)
-
-	switch err := a.annotate(ctx, pod, true); {
+	err = a.annotate(ctx, pod, true)
+	a.log.Info("pod enrolled", "pod", p.String(), "netns", p.inode, "via", p.via,
+		"took", time.Since(start), "install", p.installTook, "ztunnel", p.ztunnelTook)
+	switch {
 	case apierrors.IsNotFound(err):
 		// Deleted meanwhile: leave nothing behind; the runtime tears the
 		// sandbox down anyway.

@@ -48,6 +48,9 @@ type enrolledPod struct {
 	sandbox string
 	via     string
 	since   time.Time
+	// installTook and ztunnelTook are how long installing redirection and
+	// ztunnel's acknowledgement took, reported in the log and /debug.
+	installTook, ztunnelTook time.Duration
 }
 
 func (p *enrolledPod) String() string { return p.namespace + "/" + p.name + " (" + p.uid + ")" }
@@ -132,6 +135,7 @@ func (a *Agent) enrollLocked(ctx context.Context, p *enrolledPod, netns *os.File
 		}
 	}()
 
+	start := time.Now()
 	if err := a.engine.Install(path, rp); err != nil {
 		if errors.Is(err, redirect.ErrNetnsGone) {
 			return fmt.Errorf("%w: %w", errPodGone, err)
@@ -147,8 +151,11 @@ func (a *Agent) enrollLocked(ctx context.Context, p *enrolledPod, netns *os.File
 		undo = append(undo, func() error { return a.probes.RemoveTarget(ip) })
 	}
 
+	p.installTook = time.Since(start)
 	info := &zdsapi.WorkloadInfo{Name: p.name, Namespace: p.namespace, ServiceAccount: p.serviceAccount}
+	start = time.Now()
 	err = a.zds.AddWorkload(ctx, p.uid, info, netns)
+	p.ztunnelTook = time.Since(start)
 	var refused *zds.AckError
 	switch {
 	case err == nil:

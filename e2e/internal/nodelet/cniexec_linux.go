@@ -21,6 +21,9 @@ import (
 type pluginExec struct {
 	*invoke.DefaultExec
 	mounts func() ([]nsexec.Mount, error)
+	// helper is the binary that enters the mount namespace (cmd/nsexec
+	// next to nodelet, else nodelet itself).
+	helper string
 }
 
 func (e *pluginExec) ExecPlugin(ctx context.Context, pluginPath string, stdin []byte, environ []string) ([]byte, error) {
@@ -31,7 +34,7 @@ func (e *pluginExec) ExecPlugin(ctx context.Context, pluginPath string, stdin []
 	if len(mounts) == 0 {
 		return e.DefaultExec.ExecPlugin(ctx, pluginPath, stdin, environ)
 	}
-	cmd, err := nsexec.Command(nsexec.Spec{PrivateMounts: true, Mounts: mounts, Argv: []string{pluginPath}})
+	cmd, err := nsexec.CommandVia(e.helper, nsexec.Spec{PrivateMounts: true, Mounts: mounts, Argv: []string{pluginPath}})
 	if err != nil {
 		return nil, err
 	}

@@ -165,7 +165,11 @@ func New(cfg Config) (*Nodelet, error) {
 		byName:   map[string]types.UID{},
 	}
 	n.volumes = &volume.Manager{Client: cfg.Client, NodeRoot: cfg.Root, PodsDir: n.podsDir}
-	n.network = newNetwork(cfg.CNIConfDir, cfg.CNIBinDir, filepath.Join(cfg.Root, "var/lib/cni"), n.volumes.NodeRunMounts)
+	helper := filepath.Join(cfg.BinDir, "nsexec")
+	if _, err := os.Stat(helper); err != nil {
+		helper = "/proc/self/exe"
+	}
+	n.network = newNetwork(cfg.CNIConfDir, cfg.CNIBinDir, filepath.Join(cfg.Root, "var/lib/cni"), helper, n.volumes.NodeRunMounts)
 	return n, nil
 }
 

@@ -38,10 +38,10 @@ type network struct {
 	cacheDir string
 }
 
-func newNetwork(confDir, binDir, cacheDir string, runMounts func() ([]nsexec.Mount, error)) *network {
+func newNetwork(confDir, binDir, cacheDir, helper string, runMounts func() ([]nsexec.Mount, error)) *network {
 	var exec invoke.Exec
 	if runMounts != nil {
-		exec = &pluginExec{DefaultExec: &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: os.Stderr}}, mounts: runMounts}
+		exec = &pluginExec{DefaultExec: &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: os.Stderr}}, mounts: runMounts, helper: helper}
 	}
 	return &network{
 		confDir:  confDir,

@@ -53,6 +53,13 @@ var ErrNoArgv = errors.New("nsexec: empty argv")
 // exec.Cmd; Env must not be nil-shared with another command because the spec is
 // appended to it.
 func Command(spec Spec) (*exec.Cmd, error) {
+	return CommandVia("/proc/self/exe", spec)
+}
+
+// CommandVia is Command with another binary doing the entering: one whose
+// main calls Init first, such as the small cmd/nsexec, which starts far
+// faster than a large binary re-executing itself.
+func CommandVia(helper string, spec Spec) (*exec.Cmd, error) {
 	if len(spec.Argv) == 0 {
 		return nil, ErrNoArgv
 	}
@@ -60,7 +67,7 @@ func Command(spec Spec) (*exec.Cmd, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encoding nsexec spec: %w", err)
 	}
-	cmd := exec.Command("/proc/self/exe")
+	cmd := exec.Command(helper)
 	cmd.Args = []string{spec.Argv[0]}
 	cmd.Env = []string{envSpec + "=" + string(raw)}
 	return cmd, nil
