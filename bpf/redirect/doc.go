@@ -2,7 +2,7 @@
 // engine: an sk_lookup program (redirect.c) attached to a pod's network
 // namespace that hands new connections to ztunnel's listening sockets
 // (ARCHITECTURE.md, "Redirection inside the pod's network namespace";
-// cni-plugin/CONTRACT.md).
+// cni-plugin/README.md).
 //
 // The program only picks sockets. Getting packets to the pod's own stack is the
 // job of policy routing that the caller installs in the same netns (rules 99,

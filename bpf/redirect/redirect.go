@@ -30,7 +30,7 @@ const (
 // program leaves connections from it alone.
 var ProbeSource = netip.AddrFrom4([4]byte{169, 254, 7, 127})
 
-// Slots of the sockets map (CONTRACT.md).
+// Slots of the sockets map (see ../../cni-plugin/README.md).
 const (
 	SlotOutbound = 0 // TCP listener on 15001
 	SlotInbound  = 1 // TCP listener on 15006

@@ -23,7 +23,7 @@ import (
 // to ztunnel's listeners (which ztunnel registers in the pinned socket map).
 // The original destination is the accepted socket's local address.
 //
-// Rules (IPv4 and IPv6 unless noted), from cni-plugin/CONTRACT.md:
+// Rules (IPv4 and IPv6 unless noted), as cni-plugin/README.md describes:
 //
 //	99:  to 169.254.7.127 lookup main (IPv4; replies to probes)
 //	100: fwmark 0x539/0xfff lookup main (ztunnel's own traffic)
