@@ -43,9 +43,15 @@ verify:
 ## test: verify, unit tests of every module, end-to-end suite on the local cluster
 test: verify test-unit test-e2e
 
+# Kernel tests that attach eBPF programs mount bpffs at /sys/fs/bpf when it is
+# not there; the machine is left as it was found.
 test-unit:
 	@pkgs=$$(for m in $(MODULES); do go list ./$$m/... 2>/dev/null; done); \
-	  go vet $$pkgs && go test -count=1 $$pkgs
+	  mounted=$$(stat -f -c %T /sys/fs/bpf 2>/dev/null); \
+	  go vet $$pkgs && go test -count=1 $$pkgs; rc=$$?; \
+	  rmdir /sys/fs/bpf/ambient 2>/dev/null; \
+	  if [ "$$mounted" != bpf_fs ] && [ "$$(stat -f -c %T /sys/fs/bpf 2>/dev/null)" = bpf_fs ]; then umount /sys/fs/bpf; fi; \
+	  exit $$rc
 
 test-e2e: build build-deps
 	go test -p 1 -count=1 -tags e2e -timeout $(E2E_TIMEOUT) -v ./e2e/tests/... 2>&1 | tee _output/e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic|\s+\S+_test.go)'; exit $${PIPESTATUS[0]}

@@ -54,9 +54,21 @@ const (
 // that has no pins.
 var ErrNotAttached = errors.New("redirect: not attached")
 
-// mu serialises changes to the pins of this process; callers for different
-// pods are rare enough that one lock is simpler than one per pod.
-var mu sync.Mutex
+// bpffsMu serialises mounting bpffs; podLocks serialises changes to one
+// pod's pins, so that enrolling many pods at once (a namespace labeled with
+// its pods running) proceeds in parallel. Attach spends most of its time
+// waiting in the kernel, not on the CPU.
+var (
+	bpffsMu  sync.Mutex
+	podLocks sync.Map // pod uid -> *sync.Mutex
+)
+
+func lockPod(podUID string) func() {
+	m, _ := podLocks.LoadOrStore(podUID, new(sync.Mutex))
+	mu := m.(*sync.Mutex)
+	mu.Lock()
+	return mu.Unlock
+}
 
 // SocketMapPath is the bpffs path of the pod's SOCKMAP, into which ztunnel
 // inserts its listening sockets.
@@ -133,9 +145,11 @@ func Attach(netnsPath, podUID string, podIPs []netip.Addr) error {
 		return fmt.Errorf("redirect: %s is not a network namespace", netnsPath)
 	}
 
-	mu.Lock()
-	defer mu.Unlock()
-	if err := ensureBPFFS(); err != nil {
+	defer lockPod(podUID)()
+	bpffsMu.Lock()
+	err = ensureBPFFS()
+	bpffsMu.Unlock()
+	if err != nil {
 		return err
 	}
 
@@ -205,8 +219,7 @@ func Detach(podUID string) error {
 	if err := checkUID(podUID); err != nil {
 		return err
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	defer lockPod(podUID)()
 	return removePins(podUID)
 }
 
