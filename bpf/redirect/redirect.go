@@ -176,8 +176,13 @@ func Attach(netnsPath, podUID string, podIPs []netip.Addr) error {
 }
 
 func attachNew(nsFD int, podUID string, keys []redirectPodAddr) (err error) {
+	sockets, err := newSocketMap()
+	if err != nil {
+		return err
+	}
+	defer sockets.Close()
 	var objs redirectObjects
-	if err := load(&objs, nil); err != nil {
+	if err := load(&objs, map[string]*ebpf.Map{redirectMapSockets: sockets}); err != nil {
 		return err
 	}
 	defer objs.Close()
@@ -211,6 +216,24 @@ func attachNew(nsFD int, podUID string, keys []redirectPodAddr) (err error) {
 		return fmt.Errorf("redirect: pin link: %w", err)
 	}
 	return nil
+}
+
+// newSocketMap creates the pod's SOCKMAP from the spec.
+func newSocketMap() (*ebpf.Map, error) {
+	spec, err := loadRedirect()
+	if err != nil {
+		return nil, err
+	}
+	// Without BTF for key and value: this kernel refuses BTF on a SOCKMAP
+	// (ENOTSUPP), but only after 20–35 ms (strace), and the library then
+	// retries without it. Asking without BTF at once costs well under 1 ms.
+	ms := spec.Maps[redirectMapSockets].Copy()
+	ms.Key, ms.Value = nil, nil
+	m, err := ebpf.NewMap(ms)
+	if err != nil {
+		return nil, fmt.Errorf("redirect: create sockets map: %w", err)
+	}
+	return m, nil
 }
 
 // Detach detaches the pod's program and removes its pins. Nothing pinned is
