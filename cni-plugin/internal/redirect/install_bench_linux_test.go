@@ -2,8 +2,8 @@ package redirect
 
 import (
 	"fmt"
-	"os"
 	"net/netip"
+	"os"
 	"testing"
 )
 

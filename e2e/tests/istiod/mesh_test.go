@@ -86,15 +86,15 @@ func token(t testing.TB, env *kubetest.Env, ns, sa, audience string, pod *corev1
 type watcher struct {
 	*xdsclient.Client
 	mu      sync.Mutex
-	upserts  int // resources received since start
-	removed  int
+	upserts int // resources received since start
+	removed int
 	// redundant counts upserts of a version the client already held: the
 	// server sent something that had not changed.
 	redundant int
 	versions  map[string]string // typeURL + " " + name -> version
-	cancel   context.CancelFunc
-	done     chan error
-	stopOnce sync.Once
+	cancel    context.CancelFunc
+	done      chan error
+	stopOnce  sync.Once
 }
 
 // istiodService is what clients dial (passthrough: no DNS lookup; the
