@@ -36,6 +36,7 @@ generate:
 
 ## verify: generated code and CRDs match their sources
 verify:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	hack/verify-generate.sh
 	bpf/generate.sh --verify
 	hack/sync-crds.sh --verify
