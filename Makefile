@@ -23,7 +23,7 @@ all: build
 ## build: our binaries into _output/bin
 build:
 	@mkdir -p $(AMBIENT_BIN)
-	go build -o $(AMBIENT_BIN)/ ./e2e/cmd/... ./istiod-lite/cmd/... ./cni-plugin/cmd/...
+	go build -o $(AMBIENT_BIN)/ ./e2e/cmd/... ./istiod-lite/cmd/... ./cni-plugin/cmd/... ./ztunnel/cmd/...
 
 ## build-deps: Kubernetes binaries and CNI plugins from the Go module proxy (cached)
 build-deps:
