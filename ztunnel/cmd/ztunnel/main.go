@@ -25,6 +25,7 @@ func main() {
 	}
 	logLevel := "info"
 	flag.StringVar(&o.XDSAddress, "xds-address", proxy.DefaultXDSAddress, "istiod-lite xDS and CA address (host:port); the host is the name its certificate carries")
+	flag.StringVar(&o.XDSServerName, "xds-server-name", "", "name istiod-lite's certificate must carry; empty: the host of --xds-address")
 	flag.StringVar(&o.RootCertFile, "root-cert", proxy.DefaultRootCertFile, "PEM file of the mesh root certificates (istio-ca-root-cert ConfigMap)")
 	flag.StringVar(&o.TokenFile, "token-file", proxy.DefaultTokenFile, "projected service-account token (audience istio-ca), re-read for every call")
 	flag.StringVar(&o.ZDSSocket, "zds-socket", zds.SocketPath, "node agent's ZDS socket")

@@ -59,9 +59,12 @@ const maintainEvery = 5 * time.Second
 
 // Options configure Run.
 type Options struct {
-	XDSAddress   string
-	RootCertFile string
-	TokenFile    string
+	XDSAddress string
+	// XDSServerName is the name istiod-lite's certificate must carry; empty
+	// means the host of XDSAddress (set it when dialing a Service IP).
+	XDSServerName string
+	RootCertFile  string
+	TokenFile     string
 	// ZDSSocket is the node agent's socket; empty means the default.
 	ZDSSocket                         string
 	AdminAddr, MetricsAddr, ReadyAddr string
@@ -114,6 +117,9 @@ func Run(ctx context.Context, o Options) error {
 	host, _, err := net.SplitHostPort(o.XDSAddress)
 	if err != nil {
 		return fmt.Errorf("xds address %q: %w", o.XDSAddress, err)
+	}
+	if o.XDSServerName != "" {
+		host = o.XDSServerName
 	}
 	token := func() (string, error) {
 		b, err := os.ReadFile(o.TokenFile)
