@@ -53,7 +53,7 @@ func metric(t *testing.T, nodeIP string, want ...string) float64 {
 
 // series sums the named metric's series on node's ztunnel whose labels
 // contain every one of want.
-func series(t *testing.T, nodeIP, name string, want ...string) float64 {
+func series(t testing.TB, nodeIP, name string, want ...string) float64 {
 	t.Helper()
 	resp, err := http.Get("http://" + nodeIP + ":15020/metrics")
 	if err != nil {
@@ -63,7 +63,7 @@ func series(t *testing.T, nodeIP, name string, want ...string) float64 {
 	body, _ := io.ReadAll(resp.Body)
 	var sum float64
 	for _, line := range strings.Split(string(body), "\n") {
-		if !strings.HasPrefix(line, name+"{") {
+		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
 			continue
 		}
 		ok := true
