@@ -31,8 +31,9 @@ require (
 
 require (
 	github.com/ambient-mesh/ambient/api v0.0.0
-	github.com/ambient-mesh/ambient/bpf v0.0.0
+	github.com/ambient-mesh/ambient/bpf v0.0.0 // indirect
 	github.com/ambient-mesh/ambient/pkg v0.0.0
+	github.com/ambient-mesh/ambient/ztunnel v0.0.0
 	github.com/cespare/xxhash/v2 v2.3.0 // indirect
 	github.com/davecgh/go-spew v1.1.2-0.20180830191138-d8f796af33cc // indirect
 	github.com/emicklei/go-restful/v3 v3.13.0 // indirect
@@ -78,3 +79,5 @@ replace github.com/ambient-mesh/ambient/api => ../api
 replace github.com/ambient-mesh/ambient/pkg => ../pkg
 
 replace github.com/ambient-mesh/ambient/bpf => ../bpf
+
+replace github.com/ambient-mesh/ambient/ztunnel => ../ztunnel

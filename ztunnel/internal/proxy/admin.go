@@ -13,7 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/ambient-mesh/ambient/ztunnel/internal/identity"
-	"github.com/ambient-mesh/ambient/ztunnel/internal/inpod"
+	"github.com/ambient-mesh/ambient/ztunnel/inpod"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/state"
 )
 
