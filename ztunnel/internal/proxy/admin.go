@@ -12,8 +12,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/ambient-mesh/ambient/ztunnel/internal/identity"
 	"github.com/ambient-mesh/ambient/ztunnel/inpod"
+	"github.com/ambient-mesh/ambient/ztunnel/internal/identity"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/state"
 )
 

@@ -26,8 +26,8 @@ import (
 	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/api/workloadapi"
 	"github.com/ambient-mesh/ambient/pkg/xdsclient"
-	"github.com/ambient-mesh/ambient/ztunnel/internal/identity"
 	"github.com/ambient-mesh/ambient/ztunnel/inpod"
+	"github.com/ambient-mesh/ambient/ztunnel/internal/identity"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/state"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/telemetry"
 )
