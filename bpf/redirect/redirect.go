@@ -103,7 +103,7 @@ func load(objs *redirectObjects, replacements map[string]*ebpf.Map) error {
 	if err := memlockOnce(); err != nil {
 		return fmt.Errorf("redirect: memlock rlimit: %w", err)
 	}
-	spec, err := loadRedirect()
+	spec, err := redirectSpec()
 	if err != nil {
 		return err
 	}
@@ -218,9 +218,23 @@ func attachNew(nsFD int, podUID string, keys []redirectPodAddr) (err error) {
 	return nil
 }
 
+// parsedSpec parses the embedded object once per process; every Attach
+// used to parse it twice.
+var parsedSpec = sync.OnceValues(loadRedirect)
+
+// redirectSpec returns a copy of the parsed collection spec, so that no
+// load can change what the next one starts from.
+func redirectSpec() (*ebpf.CollectionSpec, error) {
+	spec, err := parsedSpec()
+	if err != nil {
+		return nil, err
+	}
+	return spec.Copy(), nil
+}
+
 // newSocketMap creates the pod's SOCKMAP from the spec.
 func newSocketMap() (*ebpf.Map, error) {
-	spec, err := loadRedirect()
+	spec, err := redirectSpec()
 	if err != nil {
 		return nil, err
 	}

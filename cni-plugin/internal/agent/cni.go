@@ -28,19 +28,9 @@ const podLookupTimeout = 5 * time.Second
 // everything, so the runtime retries (fail closed).
 func (a *Agent) Add(ctx context.Context, r *cniapi.PodRequest) (*cniapi.Response, error) {
 	start := time.Now()
-	if !a.synced.Load() {
-		return nil, fmt.Errorf("%w: agent is starting", cniapi.ErrUnavailable)
-	}
-	pod, err := a.podForRequest(ctx, r)
-	if err != nil {
-		return nil, err
-	}
-	ns, err := a.namespaceForPod(ctx, pod.Namespace)
-	if err != nil {
-		return nil, err
-	}
-	if d := Decide(pod, ns, a.cfg.SystemNamespace); !d.Ambient {
-		return &cniapi.Response{Outcome: cniapi.Skipped, Message: d.Reason}, nil
+	pod, skip, err := a.ambientPod(ctx, r)
+	if pod == nil {
+		return skip, err
 	}
 
 	uid := string(pod.UID)
@@ -97,6 +87,27 @@ func (a *Agent) Add(ctx context.Context, r *cniapi.PodRequest) (*cniapi.Response
 	return &cniapi.Response{Outcome: cniapi.Enrolled}, nil
 }
 
+// ambientPod finds the request's pod and decides whether it is ambient. It
+// returns the pod when it is; otherwise nil and the response (skipped) or
+// error to give the runtime.
+func (a *Agent) ambientPod(ctx context.Context, r *cniapi.PodRequest) (*corev1.Pod, *cniapi.Response, error) {
+	if !a.synced.Load() {
+		return nil, nil, fmt.Errorf("%w: agent is starting", cniapi.ErrUnavailable)
+	}
+	pod, err := a.podForRequest(ctx, r)
+	if err != nil {
+		return nil, nil, err
+	}
+	ns, err := a.namespaceForPod(ctx, pod.Namespace)
+	if err != nil {
+		return nil, nil, err
+	}
+	if d := Decide(pod, ns, a.cfg.SystemNamespace); !d.Ambient {
+		return nil, &cniapi.Response{Outcome: cniapi.Skipped, Message: d.Reason}, nil
+	}
+	return pod, nil, nil
+}
+
 // Del implements cniapi.Agent: it unenrolls the pod of the request's sandbox.
 // It never fails: what cannot be removed now is retried from the watch.
 func (a *Agent) Del(ctx context.Context, r *cniapi.PodRequest) (*cniapi.Response, error) {
@@ -137,19 +148,9 @@ func (a *Agent) Del(ctx context.Context, r *cniapi.PodRequest) (*cniapi.Response
 // Check implements cniapi.Agent: an ambient pod passes when its redirection
 // is installed (per the engine's report) and ztunnel holds it.
 func (a *Agent) Check(ctx context.Context, r *cniapi.PodRequest) (*cniapi.Response, error) {
-	if !a.synced.Load() {
-		return nil, fmt.Errorf("%w: agent is starting", cniapi.ErrUnavailable)
-	}
-	pod, err := a.podForRequest(ctx, r)
-	if err != nil {
-		return nil, err
-	}
-	ns, err := a.namespaceForPod(ctx, pod.Namespace)
-	if err != nil {
-		return nil, err
-	}
-	if d := Decide(pod, ns, a.cfg.SystemNamespace); !d.Ambient {
-		return &cniapi.Response{Outcome: cniapi.Skipped, Message: d.Reason}, nil
+	pod, skip, err := a.ambientPod(ctx, r)
+	if pod == nil {
+		return skip, err
 	}
 	uid := string(pod.UID)
 	unlock := a.locks.Lock(uid)
