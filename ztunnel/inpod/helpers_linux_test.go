@@ -307,6 +307,22 @@ func newTestNetns(tb testing.TB) *testNetns {
 		must(nh.AddrAdd(eth, addr))
 	}
 	must(nh.LinkSetUp(eth))
+	// The kernel adds the addresses' local routes once the veth's carrier
+	// is up, which can lag on a loaded machine; a dial before that finds
+	// no route (IPv6 then fails only after neighbour discovery gives up).
+	deadline := time.Now().Add(10 * time.Second)
+	for _, ip := range []netip.Addr{podIP4, podIP6} {
+		for {
+			rs, err := nh.RouteGet(ip.AsSlice())
+			if err == nil && len(rs) > 0 && rs[0].Type == unix.RTN_LOCAL {
+				break
+			}
+			if time.Now().After(deadline) {
+				tb.Fatalf("no local route to %v in the test netns: %v %v", ip, rs, err)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
 	return n
 }
 

@@ -405,6 +405,15 @@ func TestDrainHandsPortsToANewZtunnelAndWaitsForConnections(t *testing.T) {
 
 	// SO_REUSEPORT: the new ztunnel binds the same ports in the same pod.
 	ac2.mustAck("add to the new ztunnel", addReq("uid-a", "ns", "a"), n.fd())
+	// Connections queued on the old listeners move to the new ones when
+	// the old close, instead of being reset.
+	var migrate []byte
+	if err := inNetns(n.f, func() (err error) {
+		migrate, err = os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
+		return err
+	}); err == nil && strings.TrimSpace(string(migrate)) != "1" {
+		t.Errorf("net.ipv4.tcp_migrate_req in the pod = %q, want 1", migrate)
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()

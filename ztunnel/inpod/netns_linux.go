@@ -116,6 +116,7 @@ func openListeners(ns *os.File) (lns []*net.TCPListener, err error) {
 		}
 	}()
 	err = inNetns(ns, func() error {
+		migrateRequests()
 		for _, sp := range listenerSpecs {
 			lc := net.ListenConfig{Control: listenerOptions(sp.transparent)}
 			// An MPTCP socket can neither sit in the eBPF engine's SOCKMAP
@@ -130,6 +131,23 @@ func openListeners(ns *os.File) (lns []*net.TCPListener, err error) {
 		return nil
 	})
 	return lns, err
+}
+
+// migrateRequests turns on net.ipv4.tcp_migrate_req in the current network
+// namespace (Linux 5.14+): when a listener of a SO_REUSEPORT group closes,
+// the connections in its accept queue, and handshakes still under way, move
+// to another listener of the group instead of being reset. That is what
+// makes the hand-over to a new ztunnel lossless: the old one closes its
+// listeners with connections queued that it will never accept. Best effort:
+// without the sysctl (older kernels, read-only /proc/sys) the hand-over
+// still works, with a window in which a queued connection can be reset.
+func migrateRequests() {
+	f, err := os.OpenFile("/proc/sys/net/ipv4/tcp_migrate_req", os.O_WRONLY, 0)
+	if err != nil {
+		return
+	}
+	f.WriteString("1")
+	f.Close()
 }
 
 // listenerOptions marks a listening socket as ztunnel's, so the redirection

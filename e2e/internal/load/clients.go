@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -28,8 +29,9 @@ type client interface {
 	close()
 }
 
-// newClients returns one client per connection of cfg.
-func newClients(cfg *Config) (_ []client, err error) {
+// newClients returns one client per connection of cfg. The http, h2c and
+// tcp clients count the connections they open in dials.
+func newClients(cfg *Config, dials *atomic.Int64) (_ []client, err error) {
 	clients := make([]client, 0, cfg.Connections)
 	defer func() {
 		if err != nil {
@@ -46,11 +48,11 @@ func newClients(cfg *Config) (_ []client, err error) {
 		var c client
 		switch cfg.Mode {
 		case ModeHTTP, ModeH2C:
-			c, err = newHTTPClient(cfg, header)
+			c, err = newHTTPClient(cfg, header, dials)
 		case ModeGRPC:
 			c, err = newGRPCClient(cfg, header)
 		case ModeTCP:
-			c = newTCPClient(cfg)
+			c = newTCPClient(cfg, dials)
 		default:
 			err = fmt.Errorf("unknown mode %q", cfg.Mode)
 		}
@@ -83,7 +85,7 @@ type httpClient struct {
 	size   int
 }
 
-func newHTTPClient(cfg *Config, header http.Header) (*httpClient, error) {
+func newHTTPClient(cfg *Config, header http.Header, dials *atomic.Int64) (*httpClient, error) {
 	target := cfg.Target
 	if !strings.Contains(target, "://") {
 		target = "http://" + target
@@ -106,9 +108,16 @@ func newHTTPClient(cfg *Config, header http.Header) (*httpClient, error) {
 	}
 	c.url = u.String()
 
+	var dialer net.Dialer
 	tr := &http.Transport{
 		// No Proxy: a proxy from the environment would hide the mesh.
-		DialContext:         (&net.Dialer{}).DialContext,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dialer.DialContext(ctx, network, addr)
+			if err == nil {
+				dials.Add(1)
+			}
+			return c, err
+		},
 		MaxIdleConnsPerHost: 1,
 		MaxConnsPerHost:     1,
 		DisableCompression:  true,
@@ -227,17 +236,18 @@ type tcpClient struct {
 	addr   string
 	dialer net.Dialer
 	conn   net.Conn // nil until dialed, and after an error
+	dials  *atomic.Int64
 	sent   []byte
 	got    []byte
 	seq    uint64
 }
 
-func newTCPClient(cfg *Config) *tcpClient {
+func newTCPClient(cfg *Config, dials *atomic.Int64) *tcpClient {
 	size := cfg.Size
 	if size == 0 {
 		size = DefaultTCPSize
 	}
-	return &tcpClient{addr: cfg.Target, sent: make([]byte, size), got: make([]byte, size)}
+	return &tcpClient{addr: cfg.Target, sent: make([]byte, size), got: make([]byte, size), dials: dials}
 }
 
 func (c *tcpClient) do(ctx context.Context) (_ []byte, err error) {
@@ -246,6 +256,7 @@ func (c *tcpClient) do(ctx context.Context) (_ []byte, err error) {
 		if err != nil {
 			return nil, err
 		}
+		c.dials.Add(1)
 		c.conn = conn
 	}
 	defer func() {

@@ -37,6 +37,9 @@ type Result struct {
 	Latency *Histogram
 	// Interrupted says the run's context was done before the plan was.
 	Interrupted bool
+	// Dials counts the connections opened in http, h2c and tcp mode: more
+	// than the run's connections means some broke and were opened again.
+	Dials int64
 }
 
 // AchievedRate returns the requests sent per second of the run.
@@ -86,6 +89,9 @@ func (r *Result) WriteText(w io.Writer) error {
 		}
 		fmt.Fprintf(&b, " max=%v\n", time.Duration(r.Latency.Max()))
 	}
+	if r.Dials > 0 {
+		fmt.Fprintf(&b, "dials      %d connections opened\n", r.Dials)
+	}
 	if r.Interrupted {
 		fmt.Fprintf(&b, "interrupted before the plan was done\n")
 	}
@@ -108,6 +114,7 @@ type Summary struct {
 	Errors       map[string]int64 `json:"errors"`
 	LatencyNs    map[string]int64 `json:"latency_ns"`
 	Interrupted  bool             `json:"interrupted"`
+	Dials        int64            `json:"dials"`
 }
 
 // Summary returns r in the form WriteJSON writes.
@@ -126,6 +133,7 @@ func (r *Result) Summary() Summary {
 		Errors:       map[string]int64{},
 		LatencyNs:    map[string]int64{},
 		Interrupted:  r.Interrupted,
+		Dials:        r.Dials,
 	}
 	maps.Copy(s.Errors, r.Errors)
 	if h := r.Latency; h != nil && h.Count() > 0 {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -14,7 +15,8 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	clients, err := newClients(&cfg)
+	var dials atomic.Int64
+	clients, err := newClients(&cfg, &dials)
 	if err != nil {
 		return nil, err
 	}
@@ -59,6 +61,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		Errors:      t.errors,
 		Latency:     t.latency,
 		Interrupted: ctx.Err() != nil,
+		Dials:       dials.Load(),
 	}
 	if !res.Interrupted {
 		res.NotSent = planned - sent

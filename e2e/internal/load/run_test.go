@@ -91,7 +91,50 @@ func TestRunAgainstTheEchoServerSucceedsEveryRequest(t *testing.T) {
 			if res.Latency.Count() != 30 || !res.OK() {
 				t.Errorf("latency count %d, OK %v; want 30, true", res.Latency.Count(), res.OK())
 			}
+			if cfg.Mode != ModeGRPC && res.Dials != int64(cfg.Connections) {
+				t.Errorf("%d connections opened, want %d (one per connection, none broken)", res.Dials, cfg.Connections)
+			}
 		})
+	}
+}
+
+func TestRunCountsTheConnectionsOpenedAgainAfterOneBreaks(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	// An echo server that closes every connection after its second request.
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, DefaultTCPSize)
+				for range 2 {
+					if _, err := io.ReadFull(c, buf); err != nil {
+						return
+					}
+					if _, err := c.Write(buf); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	cfg := withDefaults(Config{Mode: ModeTCP, Target: ln.Addr().String()})
+	cfg.Requests = 7
+	res, err := Run(t.Context(), cfg)
+	if err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	// Requests 1-2 on the first connection, 3 fails (eof), 4-5 on the
+	// second, 6 fails, 7 on the third.
+	if res.Dials != 3 || res.Failed != 2 || res.Errors["eof"] != 2 {
+		t.Errorf("dials %d, failed %d, errors %v; want 3 dials and 2 eof failures", res.Dials, res.Failed, res.Errors)
 	}
 }
 

@@ -14,27 +14,40 @@ import (
 	"github.com/ambient-mesh/ambient/e2e/internal/kubetest"
 )
 
-// loadResult is the part of load-client's JSON summary the benchmark reads.
+// loadResult is the part of load-client's JSON summary the tests read.
 type loadResult struct {
 	AchievedRate float64          `json:"achieved_rate"`
 	ElapsedNs    int64            `json:"elapsed_ns"`
 	Succeeded    int64            `json:"succeeded"`
 	Failed       int64            `json:"failed"`
+	Errors       map[string]int64 `json:"errors"`
 	LatencyNs    map[string]int64 `json:"latency_ns"`
+	Dials        int64            `json:"dials"`
 }
 
-func runLoad(b *testing.B, env *kubetest.Env, ns, pod string, args ...string) loadResult {
-	b.Helper()
+// load runs load-client in the pod with args and returns its summary. A
+// run whose requests failed is a result, not an error.
+func load(env *kubetest.Env, ns, pod string, args ...string) (loadResult, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	bin := filepath.Join(env.Config.BinDir, "load-client")
 	out, err := env.RunKubectl(ctx, append([]string{"exec", "-n", ns, pod, "--", bin, "--output", "json"}, args...)...)
-	if err != nil {
-		b.Fatalf("load-client %v: %v", args, err)
-	}
 	var r loadResult
-	if err := json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &r); err != nil {
-		b.Fatalf("decoding %q: %v", out, err)
+	i := strings.Index(out, "{")
+	if i < 0 {
+		return r, fmt.Errorf("load-client %v: %v\n%s", args, err, out)
+	}
+	if derr := json.Unmarshal([]byte(out[i:]), &r); derr != nil {
+		return r, fmt.Errorf("load-client %v: %v; decoding %q: %v", args, err, out, derr)
+	}
+	return r, nil
+}
+
+func runLoad(b *testing.B, env *kubetest.Env, ns, pod string, args ...string) loadResult {
+	b.Helper()
+	r, err := load(env, ns, pod, args...)
+	if err != nil {
+		b.Fatal(err)
 	}
 	return r
 }

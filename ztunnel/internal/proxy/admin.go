@@ -1,13 +1,17 @@
 package proxy
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -93,8 +97,25 @@ type server struct {
 	ln  net.Listener
 }
 
+// reusePort binds with SO_REUSEPORT: ztunnel runs in the node's network
+// namespace, and during a rolling restart the new ztunnel serves admin,
+// metrics and readiness on the same ports while the old one drains.
+var reusePort = net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+	var serr error
+	if err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("setting SO_REUSEPORT: %w", serr)
+	}
+	return nil
+}}
+
 // listenServers binds the admin, metrics and readiness servers, so a port
-// in use fails the start rather than a later request.
+// in use (by anything but another ztunnel) fails the start rather than a
+// later request.
 func listenServers(o Options, reg *prometheus.Registry, ready func() bool, admin http.Handler) (out []server, err error) {
 	defer func() {
 		if err != nil {
@@ -120,7 +141,7 @@ func listenServers(o Options, reg *prometheus.Registry, ready func() bool, admin
 		if s.addr == "" {
 			continue
 		}
-		ln, err := net.Listen("tcp", s.addr)
+		ln, err := reusePort.Listen(context.Background(), "tcp", s.addr)
 		if err != nil {
 			return out, fmt.Errorf("listening on %s: %w", s.addr, err)
 		}

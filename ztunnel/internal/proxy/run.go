@@ -197,7 +197,12 @@ func Run(ctx context.Context, o Options) error {
 	errs := make(chan error, 3+len(servers))
 	wg.Go(func() { errs <- xc.Run(runCtx) })
 	wg.Go(func() { errs <- im.Run(runCtx) })
-	wg.Go(func() { maintain(runCtx, im, px, certs, td, log) })
+	// maintain stops when draining begins: once the pods' listeners are
+	// closed it would take every pod for gone and shut their HBONE servers
+	// down behind the drain's back.
+	maintainCtx, stopMaintain := context.WithCancel(runCtx)
+	defer stopMaintain()
+	wg.Go(func() { maintain(maintainCtx, im, px, certs, td, log) })
 	for _, s := range servers {
 		wg.Go(func() {
 			if err := s.srv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -217,6 +222,14 @@ func Run(ctx context.Context, o Options) error {
 		log.Error("ztunnel stopping", "err", runErr)
 	}
 
+	stopMaintain()
+	// The new ztunnel of a rolling restart shares the admin, metrics and
+	// readiness ports (SO_REUSEPORT); closing ours now sends every probe
+	// and scrape to it, instead of half of them to a ztunnel that is
+	// leaving (and not ready).
+	for _, s := range servers {
+		s.srv.Close()
+	}
 	// Drain while xDS and ZDS stay up, so the state and pod deletes keep
 	// arriving for the connections still open.
 	log.Info("draining", "timeout", o.DrainTimeout)
@@ -234,9 +247,6 @@ func Run(ctx context.Context, o Options) error {
 	}
 	stop()
 	im.Close()
-	for _, s := range servers {
-		s.srv.Close()
-	}
 	wg.Wait()
 	return runErr
 }
