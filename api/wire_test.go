@@ -95,6 +95,15 @@ func TestMessagesEncodeToIstioWireBytes(t *testing.T) {
 			want: []byte{0x0a, 0x01, 'a', 0x20, 0x01, 0x2a, 0x07, 0x0a, 0x05, 0x12, 0x03, 0x4a, 0x01, 0x50},
 		},
 		{
+			name: "Authorization dry_run is bool field 6, written after rules",
+			msg: &security.Authorization{
+				Name:   "a",
+				Rules:  []*security.Rule{{}},
+				DryRun: true,
+			},
+			want: []byte{0x0a, 0x01, 'a', 0x2a, 0x00, 0x30, 0x01},
+		},
+		{
 			name: "StringMatch presence is field 4",
 			msg:  &security.StringMatch{MatchType: &security.StringMatch_Presence{Presence: &emptypb.Empty{}}},
 			want: []byte{0x22, 0x00},

@@ -143,7 +143,11 @@ type Authorization struct {
 	// action to take when any rule matches.
 	Action Action `protobuf:"varint,4,opt,name=action,proto3,enum=istio.security.Action" json:"action,omitempty"`
 	// rules are OR-ed: the policy matches when any rule matches.
-	Rules         []*Rule `protobuf:"bytes,5,rep,name=rules,proto3" json:"rules,omitempty"`
+	Rules []*Rule `protobuf:"bytes,5,rep,name=rules,proto3" json:"rules,omitempty"`
+	// dry_run marks a policy (annotated istio.io/dry-run) that is evaluated
+	// and logged, never enforced. A peer that predates this field ignores it
+	// and enforces the policy.
+	DryRun        bool `protobuf:"varint,6,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -211,6 +215,13 @@ func (x *Authorization) GetRules() []*Rule {
 		return x.Rules
 	}
 	return nil
+}
+
+func (x *Authorization) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
 }
 
 // Rule is one entry of an AuthorizationPolicy's rules (from, to, when).
@@ -599,13 +610,14 @@ var File_security_authorization_proto protoreflect.FileDescriptor
 
 const file_security_authorization_proto_rawDesc = "" +
 	"\n" +
-	"\x1csecurity/authorization.proto\x12\x0eistio.security\x1a\x1bgoogle/protobuf/empty.proto\"\xca\x01\n" +
+	"\x1csecurity/authorization.proto\x12\x0eistio.security\x1a\x1bgoogle/protobuf/empty.proto\"\xe3\x01\n" +
 	"\rAuthorization\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12+\n" +
 	"\x05scope\x18\x03 \x01(\x0e2\x15.istio.security.ScopeR\x05scope\x12.\n" +
 	"\x06action\x18\x04 \x01(\x0e2\x16.istio.security.ActionR\x06action\x12*\n" +
-	"\x05rules\x18\x05 \x03(\v2\x14.istio.security.RuleR\x05rules\"8\n" +
+	"\x05rules\x18\x05 \x03(\v2\x14.istio.security.RuleR\x05rules\x12\x17\n" +
+	"\adry_run\x18\x06 \x01(\bR\x06dryRun\"8\n" +
 	"\x04Rule\x120\n" +
 	"\aclauses\x18\x01 \x03(\v2\x16.istio.security.ClauseR\aclauses\"9\n" +
 	"\x06Clause\x12/\n" +

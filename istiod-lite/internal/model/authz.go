@@ -29,12 +29,13 @@ const (
 	// AnnotationDryRun marks a policy to be evaluated without being enforced.
 	AnnotationDryRun = "istio.io/dry-run"
 
-	msgAccepted      = "attached to ztunnel"
-	msgHTTPRule      = "ztunnel does not support HTTP attributes (found: %s). In ambient mode you must use a waypoint proxy to enforce HTTP rules. %s"
-	msgHTTPAllowRule = "Within an ALLOW policy, rules matching HTTP attributes are omitted. This will be more restrictive than requested."
-	msgHTTPDenyRule  = "DENY policy with HTTP attributes is enforced without the HTTP rules. This will be more restrictive than requested."
-	msgAction        = "ztunnel does not support the %s action"
-	msgDryRun        = "ztunnel does not support dry-run policies; the policy is not enforced by ztunnel"
+	msgAccepted       = "attached to ztunnel"
+	msgAcceptedDryRun = "attached to ztunnel in dry-run mode: ztunnel logs what the policy would decide and does not enforce it"
+	msgHTTPRule       = "ztunnel does not support HTTP attributes (found: %s). In ambient mode you must use a waypoint proxy to enforce HTTP rules. %s"
+	msgHTTPAllowRule  = "Within an ALLOW policy, rules matching HTTP attributes are omitted. This will be more restrictive than requested."
+	msgHTTPDenyRule   = "DENY policy with HTTP attributes is enforced without the HTTP rules. This will be more restrictive than requested."
+	msgDryRun         = "The policy is in dry-run mode: ztunnel logs what it would decide and does not enforce it."
+	msgAction         = "ztunnel does not support the %s action"
 )
 
 // l4Conditions are the `when` keys ztunnel can evaluate.
@@ -70,7 +71,9 @@ func convertAuthorizationPolicies(c Cluster, pols []*securityv1.AuthorizationPol
 // Istio's ambient semantics: targetRef policies belong to waypoints; AUDIT
 // and CUSTOM are not enforced by ztunnel; HTTP-only attributes make an ALLOW
 // rule never match (dropped) and are ignored in a DENY rule (so it matches
-// more), both more restrictive than written.
+// more), both more restrictive than written. A dry-run policy is converted
+// the same way and sent with dry_run set: ztunnel evaluates and logs it but
+// never enforces it.
 func convertAuthorizationPolicy(c Cluster, obj *securityv1.AuthorizationPolicy) *policyEntry {
 	spec := &obj.Spec
 	e := &policyEntry{key: nsName(obj.Namespace, obj.Name), conditions: []metav1.Condition{}}
@@ -94,12 +97,7 @@ func convertAuthorizationPolicy(c Cluster, obj *securityv1.AuthorizationPolicy) 
 		cond(metav1.ConditionFalse, ReasonUnsupportedValue, fmt.Sprintf(msgAction, spec.Action))
 		return e
 	}
-	if strings.EqualFold(obj.Annotations[AnnotationDryRun], "true") {
-		// The wire Authorization has no dry-run flag; enforcing it would break
-		// the promise of dry-run, so ztunnel does not get it.
-		cond(metav1.ConditionFalse, ReasonUnsupportedValue, msgDryRun)
-		return e
-	}
+	dryRun := strings.EqualFold(obj.Annotations[AnnotationDryRun], "true")
 	scope := security.Scope_WORKLOAD_SELECTOR
 	if spec.Selector == nil {
 		scope = security.Scope_NAMESPACE
@@ -112,7 +110,7 @@ func convertAuthorizationPolicy(c Cluster, obj *securityv1.AuthorizationPolicy) 
 			e.selector = map[string]string{}
 		}
 	}
-	authz := &security.Authorization{Name: obj.Name, Namespace: obj.Namespace, Scope: scope, Action: action}
+	authz := &security.Authorization{Name: obj.Name, Namespace: obj.Namespace, Scope: scope, Action: action, DryRun: dryRun}
 	unsupported := map[string]bool{}
 	for _, r := range spec.Rules {
 		if r == nil {
@@ -133,7 +131,13 @@ func convertAuthorizationPolicy(c Cluster, obj *securityv1.AuthorizationPolicy) 
 			names = append(names, n)
 		}
 		sort.Strings(names)
-		cond(metav1.ConditionTrue, ReasonUnsupportedValue, fmt.Sprintf(msgHTTPRule, strings.Join(names, ", "), boilerplate))
+		msg := fmt.Sprintf(msgHTTPRule, strings.Join(names, ", "), boilerplate)
+		if dryRun {
+			msg += " " + msgDryRun
+		}
+		cond(metav1.ConditionTrue, ReasonUnsupportedValue, msg)
+	} else if dryRun {
+		cond(metav1.ConditionTrue, ReasonAccepted, msgAcceptedDryRun)
 	} else {
 		cond(metav1.ConditionTrue, ReasonAccepted, msgAccepted)
 	}

@@ -3,6 +3,7 @@ package model
 import (
 	"fmt"
 	"math/rand"
+	"strings"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -13,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/api/workloadapi"
 )
 
@@ -137,3 +139,58 @@ func syntheticInputs(pods, services, nodes, policies int) Inputs {
 }
 
 func ptrTo[T any](v T) *T { return &v }
+
+// A dry-run policy reaches ztunnel converted exactly as the same policy
+// without the annotation, except for dry_run; its condition says so.
+func TestDryRunPolicyIsSentAsConvertedWithDryRunSet(t *testing.T) {
+	in := loadInputs(t, "testdata/authorization.yaml")
+	for _, p := range in.AuthorizationPolicies {
+		delete(p.Annotations, AnnotationDryRun)
+	}
+	enforced := Compute(DefaultCluster(), in)
+	for _, p := range in.AuthorizationPolicies {
+		if p.Annotations == nil {
+			p.Annotations = map[string]string{}
+		}
+		p.Annotations[AnnotationDryRun] = "true"
+	}
+	dryRun := Compute(DefaultCluster(), in)
+
+	if len(dryRun.Authorizations) != len(enforced.Authorizations) {
+		t.Fatalf("%d authorizations in dry-run, %d enforced", len(dryRun.Authorizations), len(enforced.Authorizations))
+	}
+	for name, want := range enforced.Authorizations {
+		got := dryRun.Authorizations[name]
+		if want.GetDryRun() {
+			t.Errorf("%s: dry_run set without the annotation", name)
+		}
+		if !got.GetDryRun() {
+			t.Errorf("%s: dry_run not set with the annotation", name)
+			continue
+		}
+		got = proto.Clone(got).(*security.Authorization)
+		got.DryRun = false
+		if !proto.Equal(got, want) {
+			t.Errorf("%s: dry-run conversion differs beyond dry_run:\n got %v\nwant %v", name, got, want)
+		}
+	}
+	for uid, want := range enforced.Addresses {
+		if !proto.Equal(dryRun.Addresses[uid], want) {
+			t.Errorf("%s: address differs in dry-run (a workload must list its dry-run policies too)", uid)
+		}
+	}
+	for key, want := range enforced.PolicyStatus {
+		got := dryRun.PolicyStatus[key]
+		if len(got) != len(want) {
+			t.Fatalf("%s: conditions %v, want as enforced %v", key, got, want)
+		}
+		for i := range want {
+			if got[i].Status != want[i].Status || got[i].Reason != want[i].Reason {
+				t.Errorf("%s: condition %s/%s, want as enforced %s/%s", key, got[i].Status, got[i].Reason, want[i].Status, want[i].Reason)
+			}
+			if want[i].Status == metav1.ConditionTrue && !strings.Contains(got[i].Message, "dry-run") {
+				t.Errorf("%s: message %q does not mention dry-run", key, got[i].Message)
+			}
+		}
+	}
+}

@@ -37,7 +37,7 @@ type Conn struct {
 	Plaintext bool
 }
 
-// Decision is the outcome of Evaluate.
+// Decision is the outcome of Evaluate or EvaluateDryRun.
 type Decision struct {
 	// Allow says whether the connection may proceed.
 	Allow bool
@@ -46,8 +46,9 @@ type Decision struct {
 	// no policy applied (allowed by default) and when ALLOW policies applied
 	// but none matched (denied by default).
 	Policy string
-	// DryRun marks a decision computed by EvaluateDryRun over dry-run
-	// policies: it is to be logged, never enforced.
+	// DryRun marks a decision computed by EvaluateDryRun: what would happen
+	// if the dry-run policies were enforced. It is to be logged, never
+	// enforced.
 	DryRun bool
 }
 
@@ -59,50 +60,71 @@ type Decision struct {
 //     (an ALLOW policy with no rules matches nothing, so it denies all);
 //  3. otherwise the connection is allowed.
 //
-// A policy that fails Validate is treated as a matching DENY: an enforcement
-// point that cannot read a policy fails closed. Policies are evaluated in the
-// order given, which decides Decision.Policy when several match.
+// Policies marked dry_run are skipped: they never change an enforced
+// decision (EvaluateDryRun reports what they would do). A policy that fails
+// Validate is treated as a matching DENY: an enforcement point that cannot
+// read a policy fails closed. Policies are evaluated in the order given,
+// which decides Decision.Policy when several match.
 func Evaluate(policies []*security.Authorization, conn Conn) Decision {
+	return evaluate(nil, policies, conn)
+}
+
+// EvaluateDryRun reports the decision conn would get if the dryRun policies
+// were enforced alongside the enforced ones (every policy of dryRun counts,
+// whatever its dry_run flag; in enforced, dry-run policies are skipped as
+// Evaluate skips them): a dry-run DENY that matches would deny, and a dry-run
+// ALLOW makes ALLOW policies present, so that a connection no ALLOW policy
+// matches would be denied. When several policies match, the dry-run ones are
+// reported first, so that Decision.Policy names the dry-run policy that made
+// the difference. The decision is marked DryRun: the caller logs it next to
+// the enforced decision (Istio's shadow result) and never acts on it.
+func EvaluateDryRun(enforced, dryRun []*security.Authorization, conn Conn) Decision {
+	d := evaluate(dryRun, enforced, conn)
+	d.DryRun = true
+	return d
+}
+
+// evaluate applies Istio's semantics to every policy of shadow and to the
+// policies of enforced not marked dry_run, shadow first.
+func evaluate(shadow, enforced []*security.Authorization, conn Conn) Decision {
 	peer := peerOf(conn)
 	conn.SrcIP, conn.DstIP = conn.SrcIP.Unmap(), conn.DstIP.Unmap()
+	lists := [2][]*security.Authorization{shadow, enforced}
+	// skip leaves out nil policies and, in the enforced list, dry-run ones.
+	skip := func(i int, p *security.Authorization) bool { return p == nil || (i == 1 && p.GetDryRun()) }
 
 	haveAllow := false
-	for _, p := range policies {
-		if p == nil {
-			continue
-		}
-		if Validate(p) != nil {
-			return Decision{Allow: false, Policy: Name(p)}
-		}
-		if p.GetAction() != security.Action_DENY {
-			haveAllow = true
-			continue
-		}
-		if matches(p, peer, conn) {
-			return Decision{Allow: false, Policy: Name(p)}
+	for i, list := range lists {
+		for _, p := range list {
+			if skip(i, p) {
+				continue
+			}
+			if Validate(p) != nil {
+				return Decision{Allow: false, Policy: Name(p)}
+			}
+			if p.GetAction() != security.Action_DENY {
+				haveAllow = true
+				continue
+			}
+			if matches(p, peer, conn) {
+				return Decision{Allow: false, Policy: Name(p)}
+			}
 		}
 	}
 	if !haveAllow {
 		return Decision{Allow: true}
 	}
-	for _, p := range policies {
-		if p == nil || p.GetAction() != security.Action_ALLOW {
-			continue
-		}
-		if matches(p, peer, conn) {
-			return Decision{Allow: true, Policy: Name(p)}
+	for i, list := range lists {
+		for _, p := range list {
+			if skip(i, p) || p.GetAction() != security.Action_ALLOW {
+				continue
+			}
+			if matches(p, peer, conn) {
+				return Decision{Allow: true, Policy: Name(p)}
+			}
 		}
 	}
 	return Decision{Allow: false}
-}
-
-// EvaluateDryRun evaluates dry-run policies as Evaluate would if they were
-// enforced, and marks the decision DryRun: the caller logs it alongside the
-// enforced decision (Istio's shadow result) and never acts on it.
-func EvaluateDryRun(policies []*security.Authorization, conn Conn) Decision {
-	d := Evaluate(policies, conn)
-	d.DryRun = true
-	return d
 }
 
 // Name is a policy's xDS resource name, "namespace/name".

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/ambient-mesh/ambient/api/security"
@@ -220,12 +221,113 @@ func TestEvaluate(t *testing.T) {
 	}
 }
 
-func TestEvaluateDryRunMarksTheDecision(t *testing.T) {
-	got := EvaluateDryRun([]*security.Authorization{strict("default")}, plaintext("10.0.0.1"))
-	want := Decision{Allow: false, Policy: "default/istio_converted_static_strict", DryRun: true}
-	if got != want {
-		t.Errorf("EvaluateDryRun() = %+v, want %+v", got, want)
+// dryRun returns p marked dry_run.
+func dryRun(p *security.Authorization) *security.Authorization {
+	p = proto.Clone(p).(*security.Authorization)
+	p.DryRun = true
+	return p
+}
+
+func TestDryRunPoliciesNeverChangeTheEnforcedDecision(t *testing.T) {
+	denySleep := pol("default", "deny-sleep", security.Scope_NAMESPACE, security.Action_DENY,
+		rule(clause(&security.Match{Principals: []*security.StringMatch{exact("cluster.local/ns/default/sa/sleep")}})))
+	allowOther := pol("default", "allow-other", security.Scope_NAMESPACE, security.Action_ALLOW,
+		rule(clause(&security.Match{Namespaces: []*security.StringMatch{exact("other")}})))
+	allowSleep := pol("default", "allow-sleep", security.Scope_WORKLOAD_SELECTOR, security.Action_ALLOW,
+		rule(clause(&security.Match{Principals: []*security.StringMatch{suffix("/sa/sleep")}})))
+	bad := pol("default", "bad", security.Scope_NAMESPACE, security.Action_ALLOW,
+		rule(clause(&security.Match{SourceIps: []*security.Address{{Address: []byte{1, 2, 3}}}})))
+
+	tests := []struct {
+		name     string
+		policies []*security.Authorization
+		want     Decision
+	}{
+		{"a matching dry-run DENY does not deny",
+			[]*security.Authorization{dryRun(denySleep)}, Decision{Allow: true}},
+		{"a dry-run ALLOW that does not match does not turn on default deny",
+			[]*security.Authorization{dryRun(allowOther)}, Decision{Allow: true}},
+		{"a matching dry-run DENY does not override an enforced ALLOW",
+			[]*security.Authorization{dryRun(denySleep), allowSleep}, Decision{Allow: true, Policy: "default/allow-sleep"}},
+		{"a matching dry-run ALLOW does not rescue a connection no enforced ALLOW matches",
+			[]*security.Authorization{allowOther, dryRun(allowSleep)}, Decision{Allow: false}},
+		{"a malformed dry-run policy does not deny",
+			[]*security.Authorization{dryRun(bad)}, Decision{Allow: true}},
 	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := Evaluate(tt.policies, mtls(sleep, "10.0.0.1")); got != tt.want {
+				t.Errorf("Evaluate() = %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestEvaluateDryRunReportsWhatWouldHappen(t *testing.T) {
+	denySleep := dryRun(pol("default", "deny-sleep", security.Scope_NAMESPACE, security.Action_DENY,
+		rule(clause(&security.Match{Principals: []*security.StringMatch{exact("cluster.local/ns/default/sa/sleep")}}))))
+	allowOther := dryRun(pol("default", "allow-other", security.Scope_NAMESPACE, security.Action_ALLOW,
+		rule(clause(&security.Match{Namespaces: []*security.StringMatch{exact("other")}}))))
+	allowSleep := dryRun(pol("default", "allow-sleep", security.Scope_WORKLOAD_SELECTOR, security.Action_ALLOW,
+		rule(clause(&security.Match{Principals: []*security.StringMatch{suffix("/sa/sleep")}}))))
+	enforcedAllowAll := pol("default", "allow-all", security.Scope_NAMESPACE, security.Action_ALLOW, rule())
+	enforcedDenyAll := pol("default", "deny-all", security.Scope_NAMESPACE, security.Action_DENY, rule())
+
+	fromSleep := mtls(sleep, "10.0.0.1")
+
+	tests := []struct {
+		name     string
+		enforced []*security.Authorization
+		dryRun   []*security.Authorization
+		conn     Conn
+		want     Decision
+	}{
+		{"a matching dry-run DENY would deny",
+			nil, []*security.Authorization{denySleep}, fromSleep,
+			Decision{Allow: false, Policy: "default/deny-sleep", DryRun: true}},
+		{"a matching dry-run DENY would deny what an enforced ALLOW allows, and is named",
+			[]*security.Authorization{enforcedAllowAll}, []*security.Authorization{denySleep}, fromSleep,
+			Decision{Allow: false, Policy: "default/deny-sleep", DryRun: true}},
+		{"a dry-run ALLOW that does not match would deny by default",
+			nil, []*security.Authorization{allowOther}, fromSleep,
+			Decision{Allow: false, DryRun: true}},
+		{"a matching dry-run ALLOW would allow, and is named",
+			nil, []*security.Authorization{allowOther, allowSleep}, fromSleep,
+			Decision{Allow: true, Policy: "default/allow-sleep", DryRun: true}},
+		{"an enforced ALLOW that matches keeps allowing next to a dry-run ALLOW that does not",
+			[]*security.Authorization{enforcedAllowAll}, []*security.Authorization{allowOther}, fromSleep,
+			Decision{Allow: true, Policy: "default/allow-all", DryRun: true}},
+		{"an enforced DENY still denies whatever the dry-run policies say",
+			[]*security.Authorization{enforcedDenyAll}, []*security.Authorization{allowSleep}, fromSleep,
+			Decision{Allow: false, Policy: "default/deny-all", DryRun: true}},
+		{"the dry-run list is evaluated as given, flagged dry-run or not",
+			nil, []*security.Authorization{strict("default")}, plaintext("10.0.0.1"),
+			Decision{Allow: false, Policy: "default/istio_converted_static_strict", DryRun: true}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := EvaluateDryRun(tt.enforced, tt.dryRun, tt.conn); got != tt.want {
+				t.Errorf("EvaluateDryRun() = %+v, want %+v", got, tt.want)
+			}
+			if !allDryRun(tt.dryRun) {
+				return
+			}
+			// Mixed into the enforced list, dry-run policies change nothing.
+			mixed := append(slices.Clone(tt.dryRun), tt.enforced...)
+			if got, want := Evaluate(mixed, tt.conn), Evaluate(tt.enforced, tt.conn); got != want {
+				t.Errorf("dry-run policies changed Evaluate() from %+v to %+v", want, got)
+			}
+		})
+	}
+}
+
+func allDryRun(ps []*security.Authorization) bool {
+	for _, p := range ps {
+		if !p.GetDryRun() {
+			return false
+		}
+	}
+	return true
 }
 
 func TestValidate(t *testing.T) {
@@ -279,8 +381,14 @@ func FuzzEvaluate(f *testing.F) {
 		dstIP, _ := netip.AddrFromSlice(dst)
 		conn := Conn{SrcIdentity: id, SrcIP: srcIP, DstIP: dstIP, DstPort: port, Plaintext: plain}
 		d := Evaluate([]*security.Authorization{&p, nil, &p}, conn)
-		if Validate(&p) != nil && d.Allow {
+		if Validate(&p) != nil && !p.GetDryRun() && d.Allow {
 			t.Errorf("a policy that fails validation allowed a connection: %+v", d)
+		}
+		if p.GetDryRun() && d != (Decision{Allow: true}) {
+			t.Errorf("a dry-run policy decided a connection: %+v", d)
+		}
+		if d := EvaluateDryRun(nil, []*security.Authorization{&p}, conn); Validate(&p) != nil && d.Allow {
+			t.Errorf("a dry-run policy that fails validation would allow a connection: %+v", d)
 		}
 	})
 }

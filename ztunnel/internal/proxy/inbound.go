@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/pkg/hbone"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/policy"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/state"
@@ -100,7 +102,7 @@ func (p *Proxy) hboneHandler(pod *Pod) hbone.Handler {
 			MTLS:     true,
 		})
 
-		status, err := p.authorizeHBONE(pod, dst, req, src)
+		status, err := p.authorizeHBONE(ctx, pod, dst, req, src)
 		if err != nil {
 			if status == http.StatusUnauthorized {
 				st.denied.Add(1)
@@ -125,19 +127,19 @@ func (p *Proxy) hboneHandler(pod *Pod) hbone.Handler {
 
 // authorizeHBONE decides a CONNECT request to dst (nil when the state does
 // not know the pod) from src. It returns 0 and no error to proceed.
-func (p *Proxy) authorizeHBONE(pod *Pod, dst *state.Workload, req *hbone.Request, src netip.AddrPort) (int, error) {
+func (p *Proxy) authorizeHBONE(ctx context.Context, pod *Pod, dst *state.Workload, req *hbone.Request, src netip.AddrPort) (int, error) {
 	if dst == nil {
 		return http.StatusServiceUnavailable, fmt.Errorf("%w: workload of pod %s/%s unknown", telemetry.ErrConnect, pod.Namespace, pod.Name)
 	}
 	if !slices.Contains(dst.Addresses, req.Addr.Addr()) {
 		return http.StatusBadRequest, fmt.Errorf("authority %s is not an address of %s", req.Authority, dst.UID())
 	}
-	dec := policy.Evaluate(p.cfg.State.Policies(dst), policy.Conn{
+	dec := p.authorize(ctx, dst, policy.Conn{
 		SrcIdentity: req.Peer.String(),
 		SrcIP:       src.Addr(),
 		DstIP:       req.Addr.Addr(),
 		DstPort:     req.Addr.Port(),
-	})
+	}, src, req.Addr)
 	if !dec.Allow {
 		return http.StatusUnauthorized, fmt.Errorf("%w: %s", telemetry.ErrDenied, decidedBy(dec))
 	}
@@ -175,12 +177,12 @@ func (p *Proxy) Inbound(pod *Pod, c net.Conn, origDst netip.AddrPort) {
 		rec.Close(fmt.Errorf("%w: workload of pod %s/%s unknown", telemetry.ErrConnect, pod.Namespace, pod.Name))
 		return
 	}
-	dec := policy.Evaluate(p.cfg.State.Policies(dst), policy.Conn{
+	dec := p.authorize(ctx, dst, policy.Conn{
 		SrcIP:     client.Addr(),
 		DstIP:     origDst.Addr(),
 		DstPort:   origDst.Port(),
 		Plaintext: true,
-	})
+	}, client, origDst)
 	if !dec.Allow {
 		st.denied.Add(1)
 		resetOnClose(c)
@@ -195,6 +197,77 @@ func (p *Proxy) Inbound(pod *Pod, c net.Conn, origDst netip.AddrPort) {
 	}
 	defer up.Close()
 	rec.Close(pipe(c, up, rec.AddReceived, rec.AddSent))
+}
+
+// authorize is L4 authorization of conn, from src to dstAddr on workload
+// dst: the decision of the enforced policies, which the caller acts on. When
+// dry-run policies apply too, the decision they would give is logged and
+// never acted on; with none (the common case) this costs nothing more.
+func (p *Proxy) authorize(ctx context.Context, dst *state.Workload, conn policy.Conn, src, dstAddr netip.AddrPort) policy.Decision {
+	enforced, dryRun := p.cfg.State.Policies(dst)
+	dec := policy.Evaluate(enforced, conn)
+	if len(dryRun) > 0 {
+		p.logDryRun(ctx, dst, enforced, dryRun, conn, dec, src, dstAddr)
+	}
+	return dec
+}
+
+// logDryRun logs, at info, what conn's authorization would be if the dryRun
+// policies were enforced (Istio's shadow result), next to the enforced
+// decision dec.
+func (p *Proxy) logDryRun(ctx context.Context, dst *state.Workload, enforced, dryRun []*security.Authorization,
+	conn policy.Conn, dec policy.Decision, src, dstAddr netip.AddrPort) {
+	if !p.cfg.Log.Enabled(ctx, slog.LevelInfo) {
+		return
+	}
+	would := policy.EvaluateDryRun(enforced, dryRun, conn)
+	identity := conn.SrcIdentity
+	if conn.Plaintext || identity == "" {
+		identity = unauthenticated
+	}
+	p.cfg.Log.LogAttrs(ctx, slog.LevelInfo, "dry-run authorization",
+		slog.Bool("dry_run", true),
+		slog.String("decision", dryRunVerdict(would)),
+		slog.String("policy", would.Policy),
+		slog.String("reason", dryRunReason(would)),
+		slog.Any("policies", dryRunPolicyNames(dryRun)),
+		slog.String("enforced", dryRunVerdict(dec)),
+		slog.Group("src", slog.String("addr", src.String()), slog.String("identity", identity)),
+		slog.Group("dst", slog.String("addr", dstAddr.String()), slog.String("workload", dst.UID())),
+	)
+}
+
+// dryRunPolicyNames lists policies by name in a log line, formatted only
+// when the line is written.
+type dryRunPolicyNames []*security.Authorization
+
+func (ps dryRunPolicyNames) LogValue() slog.Value {
+	names := make([]string, len(ps))
+	for i, p := range ps {
+		names[i] = policy.Name(p)
+	}
+	return slog.AnyValue(names)
+}
+
+// dryRunVerdict is a decision as the dry-run log shows it.
+func dryRunVerdict(d policy.Decision) string {
+	if d.Allow {
+		return "allow"
+	}
+	return "deny"
+}
+
+// dryRunReason says why d was reached, for the dry-run log.
+func dryRunReason(d policy.Decision) string {
+	switch {
+	case d.Policy != "" && d.Allow:
+		return "allow policy matched"
+	case d.Policy != "":
+		return "deny policy matched"
+	case d.Allow:
+		return "no deny policy matched and no allow policy applies"
+	}
+	return "no allow policy matched"
 }
 
 // decidedBy names what denied a connection, for the access log.

@@ -64,6 +64,8 @@ type PolicyDump struct {
 	Name   string `json:"name"`
 	Scope  string `json:"scope"`
 	Action string `json:"action"`
+	// DryRun is set for a policy that is evaluated and logged, not enforced.
+	DryRun bool `json:"dryRun,omitempty"`
 	// Rules are OR-ed; each is a list of clauses (AND-ed), each a list of
 	// matches (OR-ed).
 	Rules [][][]MatchDump `json:"rules"`
@@ -183,7 +185,7 @@ func gatewayString(g *workloadapi.GatewayAddress) string {
 }
 
 func dumpPolicy(p *security.Authorization) PolicyDump {
-	pd := PolicyDump{Name: policy.Name(p), Scope: p.GetScope().String(), Action: p.GetAction().String(), Rules: [][][]MatchDump{}}
+	pd := PolicyDump{Name: policy.Name(p), Scope: p.GetScope().String(), Action: p.GetAction().String(), DryRun: p.GetDryRun(), Rules: [][][]MatchDump{}}
 	for _, r := range p.GetRules() {
 		var clauses [][]MatchDump
 		for _, c := range r.GetClauses() {

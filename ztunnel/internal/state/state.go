@@ -752,10 +752,14 @@ func (s *Store) resolveGateway(g *workloadapi.GatewayAddress) (Waypoint, bool, e
 	return wp, true, nil
 }
 
-// Policies returns the policies that guard w: the mesh-wide ones, those of
-// w's namespace, and those w lists (by label selection), each once, sorted
-// by name. Listed policies that are not known yet are skipped.
-func (s *Store) Policies(w *Workload) []*security.Authorization {
+// Policies returns the policies that apply to w: the mesh-wide ones, those
+// of w's namespace, and those w lists (by label selection), each once,
+// sorted by name. They come in two sets: enforced decide w's connections;
+// dryRun, the policies marked dry_run, are only evaluated and logged and
+// must never change an enforced decision (a dry-run ALLOW in enforced would
+// turn on "no ALLOW matched, deny"). dryRun is nil, without allocating, when
+// none applies. Listed policies that are not known yet are skipped.
+func (s *Store) Policies(w *Workload) (enforced, dryRun []*security.Authorization) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	ns := s.namespacePolicies[w.Info.GetNamespace()]
@@ -773,11 +777,15 @@ func (s *Store) Policies(w *Workload) []*security.Authorization {
 	}
 	slices.Sort(names)
 	names = slices.Compact(names)
-	ps := make([]*security.Authorization, len(names))
-	for i, name := range names {
-		ps[i] = s.policies[name]
+	enforced = make([]*security.Authorization, 0, len(names))
+	for _, name := range names {
+		if p := s.policies[name]; p.GetDryRun() {
+			dryRun = append(dryRun, p)
+		} else {
+			enforced = append(enforced, p)
+		}
 	}
-	return ps
+	return enforced, dryRun
 }
 
 // Policy returns the policy "namespace/name", or nil.

@@ -14,6 +14,8 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/ambient-mesh/ambient/ztunnel/internal/policy"
 )
 
 // resource stands in for envoy's discovery.v3.Resource.
@@ -449,11 +451,11 @@ func TestPoliciesByScope(t *testing.T) {
 			w.AuthorizationPolicies = []string{"default/selected", "default/ns-wide", "default/unknown-yet"}
 		})))
 	names := func() string {
-		var out []string
-		for _, p := range s.Policies(s.Workload("w")) {
-			out = append(out, p.GetNamespace()+"/"+p.GetName())
+		enforced, dryRun := s.Policies(s.Workload("w"))
+		if dryRun != nil {
+			t.Errorf("dry-run policies %v without any marked dry_run", dryRun)
 		}
-		return strings.Join(out, " ")
+		return policyNames(enforced)
 	}
 	if got, want := names(), "default/ns-wide default/selected istio-system/mesh"; got != want {
 		t.Errorf("Policies = %q, want %q", got, want)
@@ -465,6 +467,108 @@ func TestPoliciesByScope(t *testing.T) {
 	}
 	if got, want := names(), "default/ns-wide"; got != want {
 		t.Errorf("Policies after update = %q, want %q", got, want)
+	}
+}
+
+func policyNames(ps []*security.Authorization) string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, policy.Name(p))
+	}
+	return strings.Join(out, " ")
+}
+
+func TestDryRunPoliciesAreKeptApartFromEnforcedOnes(t *testing.T) {
+	p := func(ns, name string, scope security.Scope, action security.Action, dryRun bool) *security.Authorization {
+		return &security.Authorization{Namespace: ns, Name: name, Scope: scope, Action: action, DryRun: dryRun,
+			Rules: []*security.Rule{{}}} // matches everything
+	}
+	s := New()
+	mustApply(t, s, security.AuthorizationTypeURL,
+		pu(p("istio-system", "mesh-trial", security.Scope_GLOBAL, security.Action_DENY, true)),
+		pu(p("default", "ns-trial", security.Scope_NAMESPACE, security.Action_ALLOW, true)),
+		pu(p("default", "selected-trial", security.Scope_WORKLOAD_SELECTOR, security.Action_DENY, true)),
+		pu(p("default", "selected", security.Scope_WORKLOAD_SELECTOR, security.Action_DENY, false)),
+	)
+	mustApply(t, s, workloadapi.AddressTypeURL,
+		wu(workload("w", "default", "10.0.0.1", func(w *workloadapi.Workload) {
+			w.AuthorizationPolicies = []string{"default/selected-trial"}
+		})))
+	conn := policy.Conn{SrcIdentity: "spiffe://cluster.local/ns/default/sa/client", SrcIP: netip.MustParseAddr("10.0.0.2"),
+		DstIP: netip.MustParseAddr("10.0.0.1"), DstPort: 80}
+
+	t.Run("each set holds its own policies of every scope", func(t *testing.T) {
+		enforced, dryRun := s.Policies(s.Workload("w"))
+		if got, want := policyNames(enforced), ""; got != want {
+			t.Errorf("enforced = %q, want %q", got, want)
+		}
+		if got, want := policyNames(dryRun), "default/ns-trial default/selected-trial istio-system/mesh-trial"; got != want {
+			t.Errorf("dry-run = %q, want %q", got, want)
+		}
+	})
+	t.Run("a dry-run DENY does not deny and a dry-run ALLOW does not turn on default deny", func(t *testing.T) {
+		enforced, dryRun := s.Policies(s.Workload("w"))
+		if d := policy.Evaluate(enforced, conn); !d.Allow {
+			t.Errorf("enforced decision %+v, want allowed", d)
+		}
+		if d := policy.EvaluateDryRun(enforced, dryRun, conn); d.Allow || !d.DryRun || d.Policy != "default/selected-trial" {
+			t.Errorf("dry-run decision %+v, want denied by default/selected-trial", d)
+		}
+	})
+	t.Run("a policy leaving dry-run moves to the enforced set", func(t *testing.T) {
+		mustApply(t, s, security.AuthorizationTypeURL, pu(p("default", "ns-trial", security.Scope_NAMESPACE, security.Action_ALLOW, false)))
+		enforced, dryRun := s.Policies(s.Workload("w"))
+		if got, want := policyNames(enforced), "default/ns-trial"; got != want {
+			t.Errorf("enforced = %q, want %q", got, want)
+		}
+		if got, want := policyNames(dryRun), "default/selected-trial istio-system/mesh-trial"; got != want {
+			t.Errorf("dry-run = %q, want %q", got, want)
+		}
+	})
+	t.Run("the dump marks dry-run policies", func(t *testing.T) {
+		b, err := json.Marshal(s.Snapshot())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := strings.Count(string(b), `"dryRun":true`); n != 2 {
+			t.Errorf("%d policies marked dryRun in the dump, want 2:\n%s", n, b)
+		}
+	})
+}
+
+// Without dry-run policies the lookup allocates no more than it did before
+// dry-run existed: the names it collects and the enforced list.
+func TestPoliciesWithoutDryRunAllocateNothingForIt(t *testing.T) {
+	s := New()
+	mustApply(t, s, security.AuthorizationTypeURL,
+		pu(&security.Authorization{Namespace: "istio-system", Name: "mesh", Scope: security.Scope_GLOBAL}),
+		pu(&security.Authorization{Namespace: "default", Name: "ns", Scope: security.Scope_NAMESPACE}))
+	mustApply(t, s, workloadapi.AddressTypeURL, wu(workload("w", "default", "10.0.0.1")))
+	w := s.Workload("w")
+	if _, dryRun := s.Policies(w); dryRun != nil {
+		t.Fatalf("dry-run = %v, want nil", dryRun)
+	}
+	if n := testing.AllocsPerRun(100, func() { _, _ = s.Policies(w) }); n > 2 {
+		t.Errorf("Policies allocates %v times, want at most 2", n)
+	}
+}
+
+func BenchmarkPolicies(b *testing.B) {
+	s := New()
+	var ups []Update
+	for i := range 10 {
+		ups = append(ups, pu(&security.Authorization{Namespace: "default", Name: fmt.Sprintf("p%d", i), Scope: security.Scope_NAMESPACE}))
+	}
+	if err := s.Apply(security.AuthorizationTypeURL, ups, nil); err != nil {
+		b.Fatal(err)
+	}
+	if err := s.Apply(workloadapi.AddressTypeURL, []Update{wu(workload("w", "default", "10.0.0.1"))}, nil); err != nil {
+		b.Fatal(err)
+	}
+	w := s.Workload("w")
+	b.ReportAllocs()
+	for b.Loop() {
+		_, _ = s.Policies(w)
 	}
 }
 
@@ -547,7 +651,7 @@ func FuzzApply(f *testing.F) {
 		_, _ = s.PickEndpoint(s.Workload(name), s.Service("default/echo"), 80)
 		if w := s.Workload(name); w != nil {
 			_, _, _ = s.WorkloadWaypoint(w)
-			_ = s.Policies(w)
+			_, _ = s.Policies(w)
 		}
 		_ = s.Snapshot()
 	})
