@@ -18,6 +18,17 @@ var forbiddenModules = []string{
 	"k8s.io/apimachinery",
 }
 
+// kubectlPlugin is the one package of the module the rule does not apply
+// to: the kubectl plugin (`kubectl ztunnel`) runs on an operator's machine,
+// never in ztunnel, and needs the client to find ztunnel's pods and
+// port-forward to their admin port. It is a command (package main), so no
+// other package can import it and inherit the exception.
+const kubectlPlugin = "github.com/ambient-mesh/ambient/ztunnel/cmd/kubectl-ztunnel"
+
+// exempt reports whether the rule skips a package of the module (and its
+// tests): only the kubectl plugin itself, not a package next to or below it.
+func exempt(importPath string) bool { return importPath == kubectlPlugin }
+
 // forbidden reports whether an import path belongs to a forbidden module.
 func forbidden(importPath string) bool {
 	for _, m := range forbiddenModules {
@@ -50,27 +61,108 @@ func TestForbiddenMatchesWholePathElements(t *testing.T) {
 	}
 }
 
-// TestZtunnelNeverLinksTheKubernetesClient lists every package the module's
-// packages and tests depend on and fails on any forbidden one, naming the
-// packages that import it.
-func TestZtunnelNeverLinksTheKubernetesClient(t *testing.T) {
-	// go test puts its own GOROOT/bin first on PATH, so this is the same go.
-	// The test runs in the module root, so ./... is this module's packages,
-	// resolved in workspace mode when a go.work is in effect.
-	cmd := exec.Command("go", "list", "-deps", "-test",
-		"-f", "{{.ImportPath}}{{range .Imports}} {{.}}{{end}}", "./...")
+func TestExemptIsTheKubectlPluginAlone(t *testing.T) {
+	tests := []struct {
+		name       string
+		importPath string
+		want       bool
+	}{
+		{"the kubectl plugin is exempt", kubectlPlugin, true},
+		{"the ztunnel binary is not", "github.com/ambient-mesh/ambient/ztunnel/cmd/ztunnel", false},
+		{"a package below the plugin is not", kubectlPlugin + "/internal/kube", false},
+		{"a package whose name only starts like the plugin's is not", kubectlPlugin + "-extra", false},
+		{"ztunnel's libraries are not", "github.com/ambient-mesh/ambient/ztunnel/internal/proxy", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := exempt(tt.importPath); got != tt.want {
+				t.Errorf("exempt(%q) = %v, want %v", tt.importPath, got, tt.want)
+			}
+		})
+	}
+}
+
+// goList runs go list with args and returns its output. go test puts its
+// own GOROOT/bin first on PATH, so this is the same go; the test runs in the
+// module root, so ./... is this module's packages, resolved in workspace
+// mode when a go.work is in effect.
+func goList(t *testing.T, args ...string) string {
+	t.Helper()
+	cmd := exec.Command("go", append([]string{"list"}, args...)...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("go list -deps -test ./...: %v\n%s", err, stderr.String())
+		t.Fatalf("go list %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
 	}
+	return string(out)
+}
+
+// modulePackages returns the module's packages and their names.
+func modulePackages(t *testing.T) map[string]string {
+	t.Helper()
+	pkgs := map[string]string{}
+	for line := range strings.Lines(goList(t, "-f", "{{.ImportPath}} {{.Name}}", "./...")) {
+		if path, name, ok := strings.Cut(strings.TrimSpace(line), " "); ok {
+			pkgs[path] = name
+		}
+	}
+	if len(pkgs) == 0 {
+		t.Fatal("go list printed no packages; the check would pass vacuously")
+	}
+	return pkgs
+}
+
+// TestTheKubectlPluginIsTheOnlyException checks the exception against the
+// module as it is: it covers exactly one package, the plugin, which is a
+// command and still needs the client (else the exception should go).
+func TestTheKubectlPluginIsTheOnlyException(t *testing.T) {
+	pkgs := modulePackages(t)
+	var exempted []string
+	for path := range pkgs {
+		if exempt(path) {
+			exempted = append(exempted, path)
+		}
+	}
+	slices.Sort(exempted)
+	if !slices.Equal(exempted, []string{kubectlPlugin}) {
+		t.Fatalf("packages exempt from the rule: %q, want only %s", exempted, kubectlPlugin)
+	}
+	if name := pkgs[kubectlPlugin]; name != "main" {
+		t.Errorf("%s is package %s, want main: a library could be imported by ztunnel", kubectlPlugin, name)
+	}
+	linked := false
+	for dep := range strings.Lines(goList(t, "-deps", kubectlPlugin)) {
+		linked = linked || forbidden(strings.TrimSpace(dep))
+	}
+	if !linked {
+		t.Errorf("%s no longer links the Kubernetes client: drop the exception", kubectlPlugin)
+	}
+}
+
+// TestZtunnelNeverLinksTheKubernetesClient lists every package the module's
+// packages (but the kubectl plugin) and their tests depend on and fails on
+// any forbidden one, naming the packages that import it.
+func TestZtunnelNeverLinksTheKubernetesClient(t *testing.T) {
+	var checked []string
+	for path := range modulePackages(t) {
+		if !exempt(path) {
+			checked = append(checked, path)
+		}
+	}
+	slices.Sort(checked)
+	// The ztunnel binary must stay under the rule whatever the exception.
+	if !slices.Contains(checked, "github.com/ambient-mesh/ambient/ztunnel/cmd/ztunnel") {
+		t.Fatalf("the ztunnel binary is not among the packages checked: %q", checked)
+	}
+	out := goList(t, append([]string{"-deps", "-test",
+		"-f", "{{.ImportPath}}{{range .Imports}} {{.}}{{end}}"}, checked...)...)
 
 	// importers maps each forbidden package in the graph to the allowed
 	// packages that import it, which is where a fix has to start.
 	importers := map[string][]string{}
 	listed := 0
-	for line := range strings.Lines(string(out)) {
+	for line := range strings.Lines(out) {
 		fields := strings.Fields(line)
 		if len(fields) == 0 {
 			continue
@@ -92,7 +184,17 @@ func TestZtunnelNeverLinksTheKubernetesClient(t *testing.T) {
 	if listed == 0 {
 		t.Fatal("go list printed no packages; the check would pass vacuously")
 	}
+	// Forbidden packages imported only by other forbidden ones come along
+	// with the first; they are counted, not named.
+	below := 0
 	for _, pkg := range slices.Sorted(maps.Keys(importers)) {
+		if len(importers[pkg]) == 0 {
+			below++
+			continue
+		}
 		t.Errorf("ztunnel depends on %s (imported by %s)", pkg, strings.Join(importers[pkg], ", "))
+	}
+	if below > 0 {
+		t.Errorf("and on %d more packages of %s that those import", below, strings.Join(forbiddenModules, " and "))
 	}
 }
