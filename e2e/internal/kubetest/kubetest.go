@@ -95,14 +95,18 @@ func run(m *testing.M, setup func(*Env) error) (code int) {
 	return m.Run()
 }
 
-// InstallMesh applies deploy/ as a user would and waits for istiod-lite to be
-// Ready.
+// InstallMesh applies deploy/ as a user would and waits for istiod-lite, the
+// CNI agent and ztunnel to be rolled out.
 func (e *Env) InstallMesh(ctx context.Context) error {
 	if out, err := e.RunKubectl(ctx, "apply", "--server-side", "-k", filepath.Join(cluster.RepoRoot(), "deploy")); err != nil {
 		return fmt.Errorf("applying deploy/: %w\n%s", err, out)
 	}
-	_, err := e.RunKubectl(ctx, "-n", "istio-system", "rollout", "status", "deployment/istiod", "--timeout=120s")
-	return err
+	for _, w := range []string{"deployment/istiod", "daemonset/cni-agent", "daemonset/ztunnel"} {
+		if out, err := e.RunKubectl(ctx, "-n", "istio-system", "rollout", "status", w, "--timeout=120s"); err != nil {
+			return fmt.Errorf("waiting for %s: %w\n%s", w, err, out)
+		}
+	}
+	return nil
 }
 
 // Get returns the environment Main set up.

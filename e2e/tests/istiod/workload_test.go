@@ -12,7 +12,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/ambient-mesh/ambient/api/workloadapi"
@@ -70,7 +69,6 @@ func TestAPodInAnAmbientNamespaceIsServedAsAWorkload(t *testing.T) {
 		{"canonical name", wl.GetCanonicalName(), "echo"},
 		{"canonical revision", wl.GetCanonicalRevision(), "v1"},
 		{"workload type", wl.GetWorkloadType(), workloadapi.WorkloadType_POD},
-		{"tunnel before enrollment", wl.GetTunnelProtocol(), workloadapi.TunnelProtocol_NONE},
 		{"address count", len(wl.GetAddresses()), 1},
 	}
 	for _, c := range checks {
@@ -97,14 +95,19 @@ func TestAPodInAnAmbientNamespaceIsServedAsAWorkload(t *testing.T) {
 			t.Errorf("service %v, want hostname %s and VIP %s", s, hostname, svc.Spec.ClusterIP)
 		}
 	})
-	t.Run("the redirection annotation turns on HBONE", func(t *testing.T) {
-		patch := []byte(`{"metadata":{"annotations":{"ambient.istio.io/redirection":"enabled"}}}`)
-		if _, err := env.Client.CoreV1().Pods(ns).Patch(ctx, "echo", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
-			t.Fatal(err)
-		}
+	t.Run("enrolled by the CNI agent, it is served with HBONE", func(t *testing.T) {
+		// The agent marks the pods it has redirected with the annotation
+		// istiod-lite reads: only then does the workload take HBONE.
 		env.WaitFor(t, 10*time.Second, "tunnel_protocol HBONE", func(context.Context) (bool, error) {
 			return w.address(uid).GetWorkload().GetTunnelProtocol() == workloadapi.TunnelProtocol_HBONE, nil
 		})
+		p, err := env.Client.CoreV1().Pods(ns).Get(ctx, "echo", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := p.Annotations["ambient.istio.io/redirection"]; got != "enabled" {
+			t.Errorf("pod annotation ambient.istio.io/redirection = %q, want enabled (set by the agent)", got)
+		}
 	})
 	t.Run("deleting the pod removes the workload", func(t *testing.T) {
 		if err := env.Client.CoreV1().Pods(ns).Delete(ctx, "echo", metav1.DeleteOptions{}); err != nil {

@@ -7,12 +7,9 @@ package ztunnel
 
 import (
 	"context"
-	"fmt"
-	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/ambient-mesh/ambient/e2e/internal/cluster"
 	"github.com/ambient-mesh/ambient/e2e/internal/kubetest"
 )
 
@@ -20,20 +17,6 @@ func TestMain(m *testing.M) {
 	kubetest.MainWith(m, func(env *kubetest.Env) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 		defer cancel()
-		if err := env.InstallMesh(ctx); err != nil {
-			return err
-		}
-		root := cluster.RepoRoot()
-		for _, args := range [][]string{
-			{"apply", "-k", filepath.Join(root, "deploy", "cni-agent")},
-			{"apply", "-k", filepath.Join(root, "deploy", "ztunnel")},
-			{"-n", "istio-system", "rollout", "status", "daemonset/cni-agent", "--timeout=120s"},
-			{"-n", "istio-system", "rollout", "status", "daemonset/ztunnel", "--timeout=120s"},
-		} {
-			if out, err := env.RunKubectl(ctx, args...); err != nil {
-				return fmt.Errorf("%w\n%s", err, out)
-			}
-		}
-		return nil
+		return env.InstallMesh(ctx)
 	})
 }
