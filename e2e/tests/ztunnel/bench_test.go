@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -53,11 +54,14 @@ func runLoad(b *testing.B, env *kubetest.Env, ns, pod string, args ...string) lo
 }
 
 // BenchmarkMeshVersusNoMesh runs the same loads side by side in one run, from
-// a client on node1 to an echo server on node2, once in a plain namespace and
-// once in an ambient one: HTTP with 1 KiB replies at 1,000 rps over 16
-// connections for 10 s (latency percentiles), and 1 MiB TCP echoes over one
-// connection (throughput). It reports the destination ztunnel's CPU and
-// resident memory during the HTTP load.
+// a client on node1 to an echo server on node2, in three namespaces: plain
+// (no mesh), ambient (ztunnel on both nodes), and plain with a haproxy mTLS
+// tunnel pair in between (the external reference, see haproxy_test.go):
+// HTTP with 1 KiB replies at 1,000 rps over 16 connections for 10 s
+// (latency percentiles), and 1 MiB TCP echoes over one connection
+// (throughput). It reports the CPU and resident memory of the destination
+// ztunnel during the HTTP load, and the CPU of both tunnel ends (the two
+// ztunnels, or the two haproxy processes).
 func BenchmarkMeshVersusNoMesh(b *testing.B) {
 	env := kubetest.Get(b)
 	type side struct {
@@ -65,8 +69,9 @@ func BenchmarkMeshVersusNoMesh(b *testing.B) {
 		http, tcp loadResult
 		target    string
 		tcpTarget string
+		cpu       float64 // vCPU of both tunnel ends during the HTTP load
 	}
-	sides := []*side{{name: "nomesh"}, {name: "mesh"}}
+	sides := []*side{{name: "nomesh"}, {name: "mesh"}, {name: "haproxy"}}
 	for _, s := range sides {
 		labels := map[string]string(nil)
 		if s.name == "mesh" {
@@ -77,18 +82,34 @@ func BenchmarkMeshVersusNoMesh(b *testing.B) {
 		env.CreatePod(b, onNode(kubetest.SleeperPod(s.ns, "client"), "node1"))
 		far := env.WaitPodReady(b, s.ns, "far", 30*time.Second)
 		env.WaitPodReady(b, s.ns, "client", 30*time.Second)
-		s.target = fmt.Sprintf("http://%s:%d/?size=1024", far.Status.PodIP, kubetest.EchoHTTPPort)
-		s.tcpTarget = fmt.Sprintf("%s:9000", far.Status.PodIP)
+		ip := far.Status.PodIP
+		if s.name == "haproxy" {
+			ip = setupHaproxyPair(b, env, s.ns, ip)
+		}
+		s.target = fmt.Sprintf("http://%s:%d/?size=1024", ip, kubetest.EchoHTTPPort)
+		s.tcpTarget = fmt.Sprintf("%s:9000", ip)
 	}
-	node2 := "172.30.0.12"
+	node1, node2 := "172.30.0.11", "172.30.0.12"
 	for b.Loop() {
 		for _, s := range sides {
-			cpu0 := series(b, node2, "process_cpu_seconds_total")
+			var cpu0 [2]float64
+			switch s.name {
+			case "mesh":
+				cpu0 = [2]float64{series(b, node1, "process_cpu_seconds_total"), series(b, node2, "process_cpu_seconds_total")}
+			case "haproxy":
+				cpu0[0] = haproxyCPUSeconds(b)
+			}
 			s.http = runLoad(b, env, s.ns, "client", "--mode", "http", "--target", s.target, "--rate", "1000", "--duration", "10s", "--connections", "16")
-			if s.name == "mesh" {
-				cpu := series(b, node2, "process_cpu_seconds_total") - cpu0
-				b.ReportMetric(cpu/(float64(s.http.ElapsedNs)/1e9), "ztunnel-vCPU")
+			secs := float64(s.http.ElapsedNs) / 1e9
+			switch s.name {
+			case "mesh":
+				dst := series(b, node2, "process_cpu_seconds_total") - cpu0[1]
+				src := series(b, node1, "process_cpu_seconds_total") - cpu0[0]
+				b.ReportMetric(dst/secs, "ztunnel-vCPU")
 				b.ReportMetric(series(b, node2, "process_resident_memory_bytes")/(1<<20), "ztunnel-RSS-MiB")
+				s.cpu = (src + dst) / secs
+			case "haproxy":
+				s.cpu = (haproxyCPUSeconds(b) - cpu0[0]) / secs
 			}
 			s.tcp = runLoad(b, env, s.ns, "client", "--mode", "tcp", "--target", s.tcpTarget, "--size", "1048576", "--requests", "200", "--rate", "1000", "--connections", "1")
 		}
@@ -98,8 +119,45 @@ func BenchmarkMeshVersusNoMesh(b *testing.B) {
 		b.ReportMetric(float64(s.http.LatencyNs["p99"])/1e6, s.name+"-p99-ms")
 		mbps := float64(s.tcp.Succeeded) * 2 * 1048576 / (float64(s.tcp.ElapsedNs) / 1e9) / 1e6
 		b.ReportMetric(mbps, s.name+"-echo-MB/s")
+		if s.name != "nomesh" {
+			b.ReportMetric(s.cpu, s.name+"-tunnel-vCPU")
+		}
 		if s.http.Failed+s.tcp.Failed > 0 {
 			b.Errorf("%s: %d HTTP and %d TCP requests failed", s.name, s.http.Failed, s.tcp.Failed)
 		}
 	}
+}
+
+// haproxyCPUSeconds sums the user and system CPU time of the benchmark's
+// haproxy processes, read from /proc (the pods' processes run on this
+// machine).
+func haproxyCPUSeconds(tb testing.TB) float64 {
+	tb.Helper()
+	dirs, err := os.ReadDir("/proc")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var ticks float64
+	for _, d := range dirs {
+		cmdline, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
+		if err != nil || !strings.Contains(string(cmdline), "/etc/haproxy/config/haproxy.cfg") {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join("/proc", d.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// Fields after the parenthesised command: utime and stime are the
+		// 12th and 13th (fields 14 and 15 of proc(5)).
+		f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
+		if len(f) < 13 {
+			continue
+		}
+		var ut, st float64
+		fmt.Sscan(f[11], &ut)
+		fmt.Sscan(f[12], &st)
+		ticks += ut + st
+	}
+	// USER_HZ is 100 on Linux.
+	return ticks / 100
 }
