@@ -91,7 +91,10 @@ func setup(t *testing.T, env *kubetest.Env) meshFixture {
 	svc, err := env.Client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "echo"},
 		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "echo"},
-			Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("http")}}},
+			Ports: []corev1.ServicePort{
+				{Name: "http", Port: 80, TargetPort: intstr.FromString("http")},
+				{Name: "tcp", Port: 9000, TargetPort: intstr.FromString("tcp")},
+			}},
 	}, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -151,6 +154,18 @@ func TestEnrolledPodsTalkThroughHBONE(t *testing.T) {
 		}
 		if metric(t, f.client.Status.HostIP, `reporter="source"`, fmt.Sprintf(`destination_service="echo.%s.svc.cluster.local"`, f.ns)) == 0 {
 			t.Error("the source ztunnel counted no connection to the echo service")
+		}
+	})
+	t.Run("raw TCP echoes through pod IPs and the ClusterIP", func(t *testing.T) {
+		for _, target := range []string{f.far.Status.PodIP + ":9000", f.near.Status.PodIP + ":9000", f.svc.Spec.ClusterIP + ":9000"} {
+			r, err := load(env, f.ns, "client", "--mode", "tcp", "--target", target, "--size", "4096",
+				"--connections", "4", "--requests", "40", "--rate", "200")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Succeeded != 40 || r.Failed != 0 {
+				t.Errorf("TCP echo to %s: %d of 40 succeeded, errors %v", target, r.Succeeded, r.Errors)
+			}
 		}
 	})
 }
