@@ -86,14 +86,38 @@ func NewPool(opts PoolOptions) *Pool {
 		opts.Dial = d.DialContext
 	}
 	return &Pool{
-		opts: opts,
-		t: &http2.Transport{
-			DisableCompression: true,
-			// Pooling and idle expiry are ours; the transport only frames.
-			StrictMaxConcurrentStreams: true,
-		},
+		opts:  opts,
+		t:     newTransport(),
 		conns: make(map[Key][]*poolConn),
 	}
+}
+
+// Receive windows of the Pool's connections, as the Server's defaults:
+// x/net's own (4 MiB per stream, 1 GiB per connection) would let a peer
+// park that much in memory behind an application that does not read.
+const (
+	clientStreamWindow = 1 << 20
+	clientConnWindow   = 16 << 20
+)
+
+// newTransport returns the HTTP/2 transport that frames a Pool's
+// connections; pooling and idle expiry are the Pool's.
+func newTransport() *http2.Transport {
+	// The receive windows are only settable through net/http's HTTP2Config.
+	t1 := &http.Transport{HTTP2: &http.HTTP2Config{
+		MaxReceiveBufferPerStream:     clientStreamWindow,
+		MaxReceiveBufferPerConnection: clientConnWindow,
+	}}
+	t, err := http2.ConfigureTransports(t1)
+	if err != nil {
+		panic(fmt.Sprintf("hbone: configuring http2 transport: %v", err)) // only fails when t1 already has h2
+	}
+	t.DisableCompression = true
+	t.StrictMaxConcurrentStreams = true
+	// Responses arrive in frames of up to maxReadFrame: one upstream read
+	// of a Server each, rather than x/net's default 16 KiB.
+	t.MaxReadFrameSize = maxReadFrame
+	return t
 }
 
 // ErrPoolClosed is returned by Connect after Close.
@@ -214,7 +238,12 @@ func (p *Pool) dial(ctx context.Context, pc *poolConn, clientTLS *tls.Config) {
 	conf := clientTLS.Clone()
 	conf.MinVersion = tls.VersionTLS13
 	conf.NextProtos = []string{alpnH2}
-	tc := tls.Client(raw, conf)
+	// Full-size records from the first byte: dynamic record sizing helps
+	// browsers render early over slow links, and costs a tunnel records
+	// (and system calls) for nothing.
+	conf.DynamicRecordSizingDisabled = true
+	bt := newBatchedTLS(raw, conf, tls.Client)
+	tc := bt.Conn
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		pc.err = fmt.Errorf("tls handshake with hbone %s: %w", addr, err)
@@ -225,7 +254,7 @@ func (p *Pool) dial(ctx context.Context, pc *poolConn, clientTLS *tls.Config) {
 		pc.err = fmt.Errorf("hbone %s: %w", addr, err)
 		return
 	}
-	cc, err := p.t.NewClientConn(tc)
+	cc, err := p.t.NewClientConn(bt)
 	if err != nil {
 		tc.Close()
 		pc.err = fmt.Errorf("starting http2 with hbone %s: %w", addr, err)
@@ -271,13 +300,13 @@ func (p *Pool) openStream(ctx context.Context, pc *poolConn, authority string, h
 	// own context ends when the stream is closed.
 	sctx, cancel := context.WithCancel(context.Background())
 	stop := context.AfterFunc(ctx, cancel)
-	pr, pw := io.Pipe()
+	pw := newBodyPipe()
 	req := (&http.Request{
 		Method:        http.MethodConnect,
 		URL:           &url.URL{Host: authority},
 		Host:          authority,
 		Header:        h,
-		Body:          pr,
+		Body:          pw,
 		ContentLength: -1,
 		Proto:         "HTTP/2.0",
 		ProtoMajor:    2,
@@ -306,7 +335,7 @@ func (p *Pool) openStream(ctx context.Context, pc *poolConn, authority string, h
 	if resp.StatusCode != http.StatusOK {
 		resp.Body.Close()
 		cancel()
-		pw.Close()
+		pw.CloseWithError(nil)
 		return nil, false, fmt.Errorf("hbone connect %s via %s: %w", authority, pc.key.Addr, &StatusError{Code: resp.StatusCode})
 	}
 	return &streamConn{
@@ -421,7 +450,7 @@ func (p *Pool) numConns(key Key) int {
 type streamConn struct {
 	pool   *Pool
 	pc     *poolConn
-	pw     *io.PipeWriter
+	pw     *bodyPipe // the request body: what the stream sends
 	body   io.ReadCloser
 	cancel context.CancelFunc
 
@@ -464,7 +493,10 @@ func (c *streamConn) localErr(err error) error {
 
 // CloseWrite ends the request body (END_STREAM): the server half-closes
 // its upstream. Reads continue until the server ends the response.
-func (c *streamConn) CloseWrite() error { return c.pw.Close() }
+func (c *streamConn) CloseWrite() error {
+	c.pw.CloseWithError(nil)
+	return nil
+}
 
 // Close resets the stream if it is still open and releases its slot in
 // the pool. It is safe to call twice.

@@ -11,10 +11,12 @@ const bufSize = 32 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
 
-// copyBuffered copies src to dst through a pooled buffer, calling flush
-// after every write when it is not nil. It deliberately does not use
-// io.Copy: *net.TCPConn's WriterTo would allocate its own buffer, and HTTP/2
-// response writes must be flushed to reach the peer.
+// copyBuffered copies src to dst through a pooled buffer. When flush is
+// not nil it is called once src has nothing more to give right away (a
+// read returned less than the buffer): flushing after every read would
+// cost a write per chunk during bulk transfers. It deliberately does not
+// use io.Copy: *net.TCPConn's WriterTo would allocate its own buffer, and
+// HTTP/2 response writes must be flushed to reach the peer.
 func copyBuffered(dst io.Writer, src io.Reader, flush func()) (int64, error) {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
@@ -31,7 +33,7 @@ func copyBuffered(dst io.Writer, src io.Reader, flush func()) (int64, error) {
 			if w != n {
 				return total, io.ErrShortWrite
 			}
-			if flush != nil {
+			if flush != nil && n < len(buf) {
 				flush()
 			}
 		}

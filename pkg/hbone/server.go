@@ -49,28 +49,24 @@ type Server struct {
 	handler Handler
 	opts    ServerOptions
 	log     *slog.Logger
-	h2      *http2.Server
-	h1      *http.Server // base config for h2; also drives graceful shutdown
 
-	ctx    context.Context // parent of every connection's context
+	ctx    context.Context // parent of every stream's context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // connection goroutines
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{} // guarded by mu
-	conns     map[net.Conn]struct{}     // guarded by mu; raw accepted conns
+	conns     map[net.Conn]*serverConn  // guarded by mu; raw accepted conns, their serverConn once HTTP/2 runs
 	closed    bool                      // guarded by mu
-	drained   chan struct{}             // guarded by mu; closed when conns empties during shutdown
+	shutdown  bool                      // guarded by mu; Shutdown called: connections are sent GOAWAY
+	drained   chan struct{}             // guarded by mu; made by the first Shutdown, closed once conns is empty
 }
 
-// connInfo is what a connection knows about its peer; it travels in the
-// connection's context to every stream.
+// connInfo is what a connection knows about its peer.
 type connInfo struct {
 	peer     spiffeid.ID
 	peerAddr netip.AddrPort
 }
-
-type connInfoKey struct{}
 
 // NewServer returns a Server that terminates TLS with tlsConf and hands
 // streams to h. tlsConf must require and verify client certificates
@@ -93,29 +89,19 @@ func NewServer(tlsConf *tls.Config, h Handler, opts ServerOptions) *Server {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	// A window must fit the protocol's 31 bits (RFC 9113 §6.9.1) and
+	// should not be below its initial size.
+	opts.StreamWindow = max(opts.StreamWindow, initialWindow)
+	opts.ConnWindow = max(opts.ConnWindow, initialWindow)
 	s := &Server{
 		tlsConf:   hboneServerTLS(tlsConf),
 		handler:   h,
 		opts:      opts,
 		log:       opts.Logger,
 		listeners: make(map[net.Listener]struct{}),
-		conns:     make(map[net.Conn]struct{}),
+		conns:     make(map[net.Conn]*serverConn),
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
-	s.h2 = &http2.Server{
-		MaxConcurrentStreams:         opts.MaxConcurrentStreams,
-		MaxUploadBufferPerStream:     opts.StreamWindow,
-		MaxUploadBufferPerConnection: opts.ConnWindow,
-		IdleTimeout:                  opts.IdleTimeout,
-	}
-	s.h1 = &http.Server{
-		MaxHeaderBytes: 64 << 10,
-		ErrorLog:       slog.NewLogLogger(opts.Logger.Handler(), slog.LevelDebug),
-	}
-	// Registers h2's graceful shutdown (GOAWAY) with h1.Shutdown.
-	if err := http2.ConfigureServer(s.h1, s.h2); err != nil {
-		panic(fmt.Sprintf("hbone: configuring http2: %v", err)) // only fails on bad cipher lists, which h1 has none of
-	}
 	return s
 }
 
@@ -123,8 +109,7 @@ func NewServer(tlsConf *tls.Config, h Handler, opts ServerOptions) *Server {
 // returned by GetConfigForClient.
 func hboneServerTLS(c *tls.Config) *tls.Config {
 	c = c.Clone()
-	c.MinVersion = tls.VersionTLS13
-	c.NextProtos = []string{alpnH2}
+	forceHBONE(c)
 	if get := c.GetConfigForClient; get != nil {
 		c.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 			cc, err := get(hello)
@@ -132,8 +117,7 @@ func hboneServerTLS(c *tls.Config) *tls.Config {
 				return cc, err
 			}
 			cc = cc.Clone()
-			cc.MinVersion = tls.VersionTLS13
-			cc.NextProtos = []string{alpnH2}
+			forceHBONE(cc)
 			if err := checkClientAuth(cc); err != nil {
 				return nil, err
 			}
@@ -141,6 +125,14 @@ func hboneServerTLS(c *tls.Config) *tls.Config {
 		}
 	}
 	return c
+}
+
+// forceHBONE sets what HBONE requires of a server's TLS.
+func forceHBONE(c *tls.Config) {
+	c.MinVersion = tls.VersionTLS13
+	c.NextProtos = []string{alpnH2}
+	// Full-size records from the first byte; see Pool.dial.
+	c.DynamicRecordSizingDisabled = true
 }
 
 var errWeakClientAuth = errors.New("hbone: server tls config must require and verify client certificates")
@@ -211,7 +203,7 @@ func (s *Server) track(c net.Conn) bool {
 	if s.closed {
 		return false
 	}
-	s.conns[c] = struct{}{}
+	s.conns[c] = nil
 	return true
 }
 
@@ -220,8 +212,7 @@ func (s *Server) untrack(c net.Conn) {
 	defer s.mu.Unlock()
 	delete(s.conns, c)
 	if len(s.conns) == 0 && s.drained != nil {
-		close(s.drained)
-		s.drained = nil
+		closeOnce(s.drained)
 	}
 }
 
@@ -236,8 +227,10 @@ func (s *Server) serveConn(c net.Conn) {
 	defer s.untrack(c)
 	defer c.Close()
 
-	tc := tls.Server(c, s.tlsConf)
-	hctx, cancel := context.WithTimeout(s.ctx, s.opts.HandshakeTimeout)
+	bt := newBatchedTLS(c, s.tlsConf, tls.Server)
+	tc := bt.Conn
+	deadline := time.Now().Add(s.opts.HandshakeTimeout)
+	hctx, cancel := context.WithDeadline(s.ctx, deadline)
 	err := tc.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
@@ -263,23 +256,42 @@ func (s *Server) serveConn(c net.Conn) {
 		ap := ta.AddrPort()
 		ci.peerAddr = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 	}
-	s.h2.ServeConn(tc, &http2.ServeConnOpts{
-		Context:    context.WithValue(s.ctx, connInfoKey{}, ci),
-		BaseConfig: s.h1,
-		Handler:    s,
-	})
+	sc := newServerConn(s, c, bt, ci)
+	if err := sc.writeSettings(); err != nil {
+		s.log.Debug("hbone: writing settings", "peer", c.RemoteAddr(), "err", err)
+		return
+	}
+	s.mu.Lock()
+	if _, ok := s.conns[c]; !ok { // closed meanwhile
+		s.mu.Unlock()
+		return
+	}
+	s.conns[c] = sc
+	shutdown := s.shutdown
+	s.mu.Unlock()
+	if shutdown {
+		go sc.goAway(http2.ErrCodeNo)
+	}
+	// The client's preface is due within the handshake's time.
+	sc.serve(deadline)
 }
 
-// ServeHTTP serves one CONNECT stream. It is exported only to satisfy
-// http.Handler for the HTTP/2 server.
+// ServeHTTP serves one CONNECT stream as an http.Handler, so that the
+// Server's request handling can be mounted on another HTTP/2 server; a
+// Server's own connections do not use it. The peer is the SPIFFE ID of
+// r's verified client certificate, if any.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	ci, _ := r.Context().Value(connInfoKey{}).(connInfo)
 	req, code := validateRequest(r.Method, r.Host, r.Header)
 	if code != 0 {
 		w.WriteHeader(code)
 		return
 	}
-	req.Peer, req.PeerAddr = ci.peer, ci.peerAddr
+	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+		req.Peer, _ = x509svid.IDFromCert(r.TLS.PeerCertificates[0])
+	}
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+		req.PeerAddr = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
 	s.serveRequest(w, r, req)
 }
 
@@ -366,20 +378,25 @@ func (s *Server) Close() error {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closed = true
+	s.shutdown = true
 	for ln := range s.listeners {
 		ln.Close()
 	}
-	drained := make(chan struct{})
-	if len(s.conns) == 0 {
-		close(drained)
-	} else {
-		s.drained = drained
+	for _, sc := range s.conns {
+		if sc != nil {
+			go sc.goAway(http2.ErrCodeNo)
+		}
 	}
+	// Every Shutdown, also concurrent ones, waits on the same channel.
+	if s.drained == nil {
+		s.drained = make(chan struct{})
+	}
+	if len(s.conns) == 0 {
+		closeOnce(s.drained)
+	}
+	drained := s.drained
 	s.mu.Unlock()
 
-	// h1 has no listeners or connections of its own; Shutdown only runs
-	// the registered h2 hook that sends GOAWAY to every h2 connection.
-	_ = s.h1.Shutdown(ctx)
 	var err error
 	select {
 	case <-drained:
@@ -387,6 +404,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		err = ctx.Err()
 	}
 	return errors.Join(err, s.Close())
+}
+
+// closeOnce closes c unless it is closed already; the caller serializes
+// calls (s.mu).
+func closeOnce(c chan struct{}) {
+	select {
+	case <-c:
+	default:
+		close(c)
+	}
 }
 
 // isTemporaryAccept reports accept errors worth retrying: out of file

@@ -33,10 +33,13 @@ import (
 
 // Reconnect backoff: exponential from minBackoff, capped at maxBackoff, each
 // wait drawn uniformly from [d/2, d) so that a fleet of clients does not
-// reconnect in lockstep after a control-plane restart.
+// reconnect in lockstep after a control-plane restart. The cap is short:
+// while a client waits, pods created since the control plane came back are
+// unknown to it (ztunnel cannot carry their traffic), and an attempt costs
+// one refused or accepted TCP connection.
 const (
 	minBackoff = 200 * time.Millisecond
-	maxBackoff = 30 * time.Second
+	maxBackoff = 5 * time.Second
 )
 
 // maxRecvMsgSize is the largest response accepted; the server splits larger

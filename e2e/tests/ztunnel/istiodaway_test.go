@@ -66,4 +66,22 @@ func TestTrafficFlowsWhileIstiodIsAway(t *testing.T) {
 			t.Errorf("ztunnel on %s counted no inbound connection", node)
 		}
 	}
+
+	// istiod-lite back: the ztunnels reconnect and learn of a pod created
+	// since (the next tests depend on it too).
+	scale(1)
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if out, err := env.RunKubectl(rctx, "-n", "istio-system", "rollout", "status", "deployment/istiod", "--timeout=120s"); err != nil {
+		t.Fatalf("istiod back: %v\n%s", err, out)
+	}
+	env.CreatePod(t, echoPod(f.ns, "late", "node2"))
+	late := env.WaitPodReady(t, f.ns, "late", 30*time.Second)
+	target := fmt.Sprintf("%s:%d", late.Status.PodIP, kubetest.EchoHTTPPort)
+	back := time.Now()
+	env.WaitFor(t, 45*time.Second, "a pod created after istiod's return to be reachable", func(context.Context) (bool, error) {
+		out, err := get(t, env, f.ns, "client", target)
+		return err == nil && strings.Contains(out, `"pod":"late"`), nil
+	})
+	t.Logf("a pod created after istiod's return reachable after %v", time.Since(back).Round(10*time.Millisecond))
 }

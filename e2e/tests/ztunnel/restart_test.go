@@ -52,6 +52,18 @@ func TestRollingRestartBreaksNoLongLivedConnection(t *testing.T) {
 		{"other node", f.far.Status.PodIP + ":9000"},
 		{"same node", f.near.Status.PodIP + ":9000"},
 	}
+	// Both ztunnels know the pods before the connections open, so that any
+	// failure below is the restart's.
+	for _, pod := range []string{"far", "near"} {
+		ip := f.far.Status.PodIP
+		if pod == "near" {
+			ip = f.near.Status.PodIP
+		}
+		env.WaitFor(t, 30*time.Second, "a request to "+pod, func(context.Context) (bool, error) {
+			out, err := get(t, env, f.ns, "client", fmt.Sprintf("%s:%d", ip, kubetest.EchoHTTPPort))
+			return err == nil && strings.Contains(out, fmt.Sprintf(`"pod":%q`, pod)), nil
+		})
+	}
 	before := ztunnelPods(t, env)
 	if len(before) != 2 {
 		t.Fatalf("ztunnel pods before the restart: %v, want one per node", before)

@@ -13,7 +13,8 @@ import (
 const copyChunk = 1 << 20
 
 // copyBufSize bounds the user-space buffer of one direction when the ends
-// cannot splice (an HBONE stream).
+// cannot splice (an HBONE stream). 32 KiB is the HBONE frame size
+// (hbone's maxReadFrame), so each read leaves as one frame.
 const copyBufSize = 32 << 10
 
 var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
@@ -40,12 +41,20 @@ func pipe(a, b net.Conn, toB, toA func(int)) error {
 
 // copyHalf copies src to dst, then half-closes dst.
 func copyHalf(dst, src net.Conn, count func(int)) error {
-	bp := copyBufs.Get().(*[]byte)
-	defer copyBufs.Put(bp)
+	// Between two sockets *net.TCPConn.ReadFrom splices a LimitedReader
+	// over a TCP connection and needs no buffer. Otherwise its ReadFrom
+	// would allocate a buffer of its own for every chunk: hide it, and copy
+	// through a pooled one.
+	w := io.Writer(dst)
+	var buf []byte
+	if !splices(dst, src) {
+		w = struct{ io.Writer }{dst}
+		bp := copyBufs.Get().(*[]byte)
+		defer copyBufs.Put(bp)
+		buf = *bp
+	}
 	for {
-		// io.CopyBuffer lets *net.TCPConn.ReadFrom splice a LimitedReader
-		// over a TCP connection, and uses the buffer otherwise.
-		n, err := io.CopyBuffer(dst, &io.LimitedReader{R: src, N: copyChunk}, *bp)
+		n, err := io.CopyBuffer(w, &io.LimitedReader{R: src, N: copyChunk}, buf)
 		if count != nil && n > 0 {
 			count(int(n))
 		}
@@ -59,6 +68,13 @@ func copyHalf(dst, src net.Conn, count func(int)) error {
 			return closeWrite(dst)
 		}
 	}
+}
+
+// splices reports whether the kernel can move bytes from src to dst.
+func splices(dst, src net.Conn) bool {
+	_, d := dst.(*net.TCPConn)
+	_, s := src.(*net.TCPConn)
+	return d && s
 }
 
 // closeWrite half-closes c when it can, and closes it otherwise.
