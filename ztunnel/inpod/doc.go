@@ -18,6 +18,10 @@
 // Accepted connections go to [Handlers] together with the [Workload] and
 // the original destination; [Manager.Dial] opens a marked connection from
 // inside a workload's netns, to reach the app on its pod IP or a peer.
+// [Manager.DialFrom] opens it
+// from a client's address instead, transparently (IP_TRANSPARENT, bound to
+// lo), so the app sees the client of an inbound connection as its peer; the
+// pod's redirection brings the app's replies back to that socket.
 // DelWorkload closes a pod's listeners and leaves its connections alone;
 // [Manager.Drain] does that for every pod and waits for the connections.
 package inpod

@@ -3,6 +3,7 @@ package inpod
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"maps"
 	"net"
@@ -215,6 +216,32 @@ func (m *Manager) stopAccepting() {
 // a peer as the pod. The connect itself runs outside the namespace, so a
 // slow peer ties up no locked OS thread.
 func (m *Manager) Dial(ctx context.Context, w *Workload, network, addr string) (net.Conn, error) {
+	return m.dial(ctx, w, netip.Addr{}, network, addr)
+}
+
+// DialFrom is Dial from the foreign address src (a port chosen by the
+// kernel): the way ztunnel connects an inbound connection to the pod's app
+// as the client that opened it, so that the app sees the client's address
+// as its peer, as with Istio's ambient mesh. The socket keeps mark 0x539
+// and is IP_TRANSPARENT (IPV6_TRANSPARENT), which lets it bind an address
+// the pod does not own, and bound to lo: the connection arrives on lo, as
+// the pod's own connections to its address do, so the eBPF engine's
+// sk_lookup program leaves it to the app instead of capturing it as
+// inbound plaintext (it tells the network from the pod by the interface a
+// connection arrives on). The pod's redirection routes the marked, lo-bound
+// connection into the pod's own stack and the app's replies to src back to
+// this socket (cni-plugin/internal/redirect: both engines do). src must
+// pass CheckSource against addr's address; ErrUnusableSource otherwise.
+func (m *Manager) DialFrom(ctx context.Context, w *Workload, src netip.Addr, network, addr string) (net.Conn, error) {
+	if !src.IsValid() {
+		return nil, &net.OpError{Op: "dial", Net: network, Err: fmt.Errorf("%w: no address", ErrUnusableSource)}
+	}
+	return m.dial(ctx, w, src, network, addr)
+}
+
+// dial is Dial from src, or from an address the kernel picks when src is
+// invalid.
+func (m *Manager) dial(ctx context.Context, w *Workload, src netip.Addr, network, addr string) (net.Conn, error) {
 	if w == nil || w.NetNS == nil {
 		return nil, errors.New("dialing from a workload without a netns")
 	}
@@ -224,7 +251,7 @@ func (m *Manager) Dial(ctx context.Context, w *Workload, network, addr string) (
 		}
 		defer w.p.release()
 	}
-	return dialInNetns(ctx, w.NetNS, network, addr)
+	return dialInNetns(ctx, w.NetNS, network, addr, src)
 }
 
 // WorkloadStatus is one served pod, for /config_dump.

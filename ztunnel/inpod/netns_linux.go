@@ -247,11 +247,17 @@ func getOriginalDst(fd, level int) (netip.AddrPort, error) {
 // keepAlive is what net.Dialer would set on the connections Dial makes.
 var keepAlive = net.KeepAliveConfig{Enable: true}
 
-// dialInNetns connects to addr with a marked TCP socket created inside ns.
-// Only the socket is made in the namespace; the connect runs on the
-// caller's goroutine through the runtime poller.
-func dialInNetns(ctx context.Context, ns *os.File, network, addr string) (net.Conn, error) {
-	opErr := func(err error) error { return &net.OpError{Op: "dial", Net: network, Err: err} }
+// dialInNetns connects to addr with a marked TCP socket created inside ns,
+// from src (transparently, see Manager.DialFrom) when src is valid. Only
+// the socket is made in the namespace; the connect runs on the caller's
+// goroutine through the runtime poller.
+func dialInNetns(ctx context.Context, ns *os.File, network, addr string, src netip.Addr) (net.Conn, error) {
+	var laddr net.Addr
+	if src.IsValid() {
+		src = src.Unmap()
+		laddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))
+	}
+	opErr := func(err error) error { return &net.OpError{Op: "dial", Net: network, Source: laddr, Err: err} }
 	ap, err := netip.ParseAddrPort(addr)
 	if err != nil {
 		return nil, opErr(fmt.Errorf("address must be ip:port: %w", err))
@@ -264,7 +270,14 @@ func dialInNetns(ctx context.Context, ns *os.File, network, addr string) (net.Co
 		return nil, opErr(&net.AddrError{Err: "address family mismatch", Addr: addr})
 	}
 	raddr := net.TCPAddrFromAddrPort(netip.AddrPortFrom(ip, ap.Port()))
-	opErr = func(err error) error { return &net.OpError{Op: "dial", Net: network, Addr: raddr, Err: err} }
+	opErr = func(err error) error {
+		return &net.OpError{Op: "dial", Net: network, Source: laddr, Addr: raddr, Err: err}
+	}
+	if src.IsValid() {
+		if err := CheckSource(src, ip); err != nil {
+			return nil, opErr(err)
+		}
+	}
 
 	var fd int
 	var sa unix.Sockaddr
@@ -293,6 +306,12 @@ func dialInNetns(ctx context.Context, ns *os.File, network, addr string) (net.Co
 			unix.Close(s)
 			return os.NewSyscallError("setsockopt SO_MARK", err)
 		}
+		if src.IsValid() {
+			if err := bindTransparent(s, family, src); err != nil {
+				unix.Close(s)
+				return err
+			}
+		}
 		fd = s
 		return nil
 	})
@@ -315,6 +334,39 @@ func dialInNetns(ctx context.Context, ns *os.File, network, addr string) (net.Co
 		return nil, opErr(err)
 	}
 	return tc, nil
+}
+
+// loopbackDevice is the loopback interface of every network namespace.
+const loopbackDevice = "lo"
+
+// bindTransparent binds the socket fd of family to the foreign address src
+// (see Manager.DialFrom): IP_TRANSPARENT (IPV6_TRANSPARENT) allows binding
+// an address the namespace does not own; IP_BIND_ADDRESS_NO_PORT leaves the
+// port to connect, which may then reuse it towards other destinations, so
+// many connections from one client do not use up the ephemeral ports;
+// SO_BINDTODEVICE lo makes the connection arrive on lo.
+func bindTransparent(fd, family int, src netip.Addr) error {
+	level, opt, name := unix.SOL_IP, unix.IP_TRANSPARENT, "IP_TRANSPARENT"
+	var sa unix.Sockaddr
+	if family == unix.AF_INET6 {
+		level, opt, name = unix.SOL_IPV6, unix.IPV6_TRANSPARENT, "IPV6_TRANSPARENT"
+		sa = &unix.SockaddrInet6{Addr: src.As16()}
+	} else {
+		sa = &unix.SockaddrInet4{Addr: src.As4()}
+	}
+	if err := unix.SetsockoptInt(fd, level, opt, 1); err != nil {
+		return os.NewSyscallError("setsockopt "+name, err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1); err != nil {
+		return os.NewSyscallError("setsockopt IP_BIND_ADDRESS_NO_PORT", err)
+	}
+	if err := unix.BindToDevice(fd, loopbackDevice); err != nil {
+		return os.NewSyscallError("setsockopt SO_BINDTODEVICE", err)
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return os.NewSyscallError("bind", err)
+	}
+	return nil
 }
 
 // aLongTimeAgo is a deadline in the past: it wakes a pending connect.

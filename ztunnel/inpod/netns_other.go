@@ -33,6 +33,6 @@ func registerSockets(string, *net.TCPListener, *net.TCPListener) (bool, error) {
 
 func originalDst(c *net.TCPConn, _ bool) netip.AddrPort { return unmappedAddr(c.LocalAddr()) }
 
-func dialInNetns(context.Context, *os.File, string, string) (net.Conn, error) {
+func dialInNetns(context.Context, *os.File, string, string, netip.Addr) (net.Conn, error) {
 	return nil, errNotLinux
 }

@@ -23,14 +23,28 @@ const (
 	// dnsServerPort is the port of the DNS queries captured when DNS capture is on.
 	dnsServerPort uint16 = 53
 
-	// routeTable is the policy-routing table of the eBPF engine whose only routes
-	// are `local 0.0.0.0/0 dev lo` and `local ::/0 dev lo`.
+	// replyMark is the packet mark (within ZtunnelMarkMask; Istio's in-pod
+	// 0x111) the nftables engine puts on the connections ztunnel opens to the
+	// pod's own addresses (as a connmark) and restores on the app's packets of
+	// those connections, so that policy routing delivers the app's replies to
+	// ztunnel's socket in the pod even when ztunnel connected from the client's
+	// (foreign) address, instead of sending them out of the pod to that address.
+	replyMark uint32 = 0x111
+
+	// routeTable is the policy-routing table of both engines whose only routes
+	// are `local 0.0.0.0/0 dev lo` and `local ::/0 dev lo`: what is looked up
+	// there is delivered to the pod's own stack.
 	routeTable = 133
-	// Rule priorities of the eBPF engine, below the main table's 32766 and above
-	// the kernel's priority-0 `lookup local`.
-	rulePriorityProbeReply = 99  // to ProbeSource lookup main
-	rulePriorityZtunnel    = 100 // fwmark ZtunnelMark/ZtunnelMarkMask lookup main
-	rulePriorityCapture    = 101 // lookup routeTable
+	// Rule priorities of the engines, below the main table's 32766 and above
+	// the kernel's priority-0 `lookup local`. Rules at these priorities that
+	// look up main or routeTable are the engines' own: installing either engine
+	// replaces them, removing either deletes them.
+	rulePriorityProbeReply = 99  // eBPF: to ProbeSource lookup main
+	rulePriorityZtunnel    = 100 // eBPF: fwmark ZtunnelMark/ZtunnelMarkMask lookup main
+	rulePriorityCapture    = 101 // both: ... lookup routeTable
+
+	// loopbackName is the loopback device of every network namespace.
+	loopbackName = "lo"
 
 	// tableName is the nftables table (family inet) inside a pod's netns.
 	tableName = "ambient"

@@ -46,6 +46,17 @@ import (
 // ztunnel's outbound listener must be IP_TRANSPARENT/IPV6_TRANSPARENT (its
 // accepted sockets have a non-local local address) and not MPTCP, and all its
 // sockets carry ZtunnelMark.
+//
+// ztunnel connects inbound connections to the app from the client's address
+// (a transparent socket bound to that foreign address) and binds that socket
+// to lo. Bound to lo, its SYN misses the interface-bound local route of the
+// pod's address and rule 100's main table, and takes rule 101 to table 133,
+// so it arrives on lo for one of the pod's addresses, which the program
+// leaves to the app. (Unbound, it would arrive as if on the pod's interface
+// from a foreign address, and the program would hand it to ztunnel's own
+// inbound listener.) The app's replies to the client's address are unmarked
+// TCP: rule 101 delivers them over lo to ztunnel's socket. No rule is needed
+// for either beyond those above.
 type EBPF struct {
 	// CaptureDNS also routes the pod's UDP/53 into the pod's stack, where the
 	// program hands it to ztunnel's DNS socket if one is registered. Off until
@@ -119,7 +130,7 @@ func (e *EBPF) Install(netnsPath string, pod Pod) (err error) {
 		if err := relaxSourceValidation(); err != nil {
 			return err
 		}
-		undo, err = ensureRouting(e.CaptureDNS, pod.IPs)
+		undo, err = ensureRouting(func(lo int) routing { return ebpfRouting(e.CaptureDNS, lo, pod.IPs) })
 		return err
 	})
 	if err != nil {
@@ -191,7 +202,7 @@ func (e *EBPF) Describe(netnsPath string, pod Pod) (any, error) {
 	return report, nil
 }
 
-// routing is the eBPF engine's policy routing for one pod netns.
+// routing is an engine's policy routing for one pod netns.
 type routing struct {
 	rules  []netlink.Rule
 	routes []netlink.Route
@@ -200,11 +211,6 @@ type routing struct {
 // ebpfRouting is the routing for a pod with the given addresses; lo is the
 // index of the netns's loopback device.
 func ebpfRouting(captureDNS bool, lo int, podIPs []netip.Addr) routing {
-	newRule := func(family, prio, table int) netlink.Rule {
-		r := *netlink.NewRule()
-		r.Family, r.Priority, r.Table = family, prio, table
-		return r
-	}
 	var rt routing
 	probe := newRule(unix.AF_INET, rulePriorityProbeReply, unix.RT_TABLE_MAIN)
 	probe.Dst = &net.IPNet{IP: ProbeSource.AsSlice(), Mask: net.CIDRMask(32, 32)}
@@ -222,6 +228,20 @@ func ebpfRouting(captureDNS bool, lo int, podIPs []netip.Addr) routing {
 			rt.rules = append(rt.rules, dns)
 		}
 	}
+	rt.routes = localRoutes(lo, podIPs)
+	return rt
+}
+
+func newRule(family, prio, table int) netlink.Rule {
+	r := *netlink.NewRule()
+	r.Family, r.Priority, r.Table = family, prio, table
+	return r
+}
+
+// localRoutes are routeTable's routes: `local 0.0.0.0/0 dev lo` and
+// `local ::/0 dev lo`, each with the pod's address of its family as source.
+func localRoutes(lo int, podIPs []netip.Addr) []netlink.Route {
+	var routes []netlink.Route
 	for _, dst := range []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")} {
 		r := netlink.Route{
 			LinkIndex: lo,
@@ -240,9 +260,9 @@ func ebpfRouting(captureDNS bool, lo int, podIPs []netip.Addr) routing {
 		}
 		// Without an address of this family the route stays, without a source:
 		// such traffic must still not leave the pod past ztunnel.
-		rt.routes = append(rt.routes, r)
+		routes = append(routes, r)
 	}
-	return rt
+	return routes
 }
 
 func familyOf(a netip.Addr) int {
@@ -252,11 +272,12 @@ func familyOf(a netip.Addr) int {
 	return unix.AF_INET6
 }
 
-// ensureRouting makes the current netns hold the engine's routes and rules and
-// nothing else at the engine's priorities or in its table (a CaptureDNS change
-// drops the DNS rules). It returns how to undo what it added. On error it has
+// ensureRouting makes the current netns hold the routes and rules build
+// returns (given the index of lo) and nothing else at the engines' priorities
+// or in their table (a CaptureDNS change drops the DNS rules; the other
+// engine's rules go). It returns how to undo what it added. On error it has
 // undone it already.
-func ensureRouting(captureDNS bool, podIPs []netip.Addr) (undo func() error, err error) {
+func ensureRouting(build func(lo int) routing) (undo func() error, err error) {
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("opening netlink: %w", err)
@@ -266,7 +287,7 @@ func ensureRouting(captureDNS bool, podIPs []netip.Addr) (undo func() error, err
 		h.Close()
 		return nil, fmt.Errorf("finding lo: %w", err)
 	}
-	want := ebpfRouting(captureDNS, lo.Attrs().Index, podIPs)
+	want := build(lo.Attrs().Index)
 	haveRules, haveRoutes, err := listRouting(h)
 	if err != nil {
 		h.Close()
@@ -333,7 +354,7 @@ func ensureRouting(captureDNS bool, podIPs []netip.Addr) (undo func() error, err
 	return undo, nil
 }
 
-// removeRouting deletes the engine's rules and table 133 from the current netns.
+// removeRouting deletes the engines' rules and table 133 from the current netns.
 func removeRouting() error {
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
@@ -359,7 +380,7 @@ func removeRouting() error {
 	return errors.Join(errs...)
 }
 
-// listRouting returns the rules at the engine's priorities that point at the
+// listRouting returns the rules at the engines' priorities that point at the
 // main table or table 133, and the routes in table 133.
 func listRouting(h *netlink.Handle) ([]netlink.Rule, []netlink.Route, error) {
 	var rules []netlink.Rule
@@ -390,7 +411,7 @@ func listRouting(h *netlink.Handle) ([]netlink.Rule, []netlink.Route, error) {
 
 func sameRule(a, b netlink.Rule) bool {
 	return a.Family == b.Family && a.Priority == b.Priority && a.Table == b.Table &&
-		a.Mark == b.Mark && maskOf(a) == maskOf(b) && a.IPProto == b.IPProto &&
+		a.Mark == b.Mark && maskOf(a) == maskOf(b) && a.IPProto == b.IPProto && a.OifName == b.OifName &&
 		prefixString(a.Dst) == prefixString(b.Dst) && portString(a.Dport) == portString(b.Dport)
 }
 
@@ -447,6 +468,9 @@ func formatRule(r netlink.Rule) string {
 	}
 	if r.Mark != 0 || r.Mask != nil {
 		fmt.Fprintf(&b, " fwmark %#x/%#x", r.Mark, maskOf(r))
+	}
+	if r.OifName != "" {
+		fmt.Fprintf(&b, " oif %s", r.OifName)
 	}
 	switch r.IPProto {
 	case 0:

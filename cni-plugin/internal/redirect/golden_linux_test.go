@@ -14,8 +14,8 @@ var update = flag.Bool("update", false, "rewrite testdata/*.golden from the curr
 // TestGolden checks what the installers would write, rendered to text, against
 // testdata/*.golden. Run with -update after an intended change and review the diff.
 func TestGolden(t *testing.T) {
-	routing := func(captureDNS bool) string {
-		rt := ebpfRouting(captureDNS, 1, []netip.Addr{netip.MustParseAddr("10.244.1.7"), netip.MustParseAddr("fd00:10:244:1::7")})
+	podIPs := []netip.Addr{netip.MustParseAddr("10.244.1.7"), netip.MustParseAddr("fd00:10:244:1::7")}
+	render := func(rt routing) string {
 		var b strings.Builder
 		for _, r := range rt.routes {
 			b.WriteString(formatRoute(nil, r) + "\n")
@@ -36,8 +36,9 @@ func TestGolden(t *testing.T) {
 			[]netip.Addr{netip.MustParseAddr("10.244.1.9"), netip.MustParseAddr("10.244.1.7")},
 		).render()},
 		{"probe-snat-no-cidr", probeRuleset(nil, nil).render()},
-		{"ebpf-routing", routing(false)},
-		{"ebpf-routing-dns", routing(true)},
+		{"nftables-routing", render(nftRouting(1, podIPs))},
+		{"ebpf-routing", render(ebpfRouting(false, 1, podIPs))},
+		{"ebpf-routing-dns", render(ebpfRouting(true, 1, podIPs))},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -285,21 +285,7 @@ func engineCases() []engineCase {
 			if _, err := bpfredirect.Status(pod.UID); !errors.Is(err, bpfredirect.ErrNotAttached) {
 				return fmt.Errorf("bpf status after remove: %v, want not attached", err)
 			}
-			return Do(netnsPath, func(ns.NetNS) error {
-				h, err := netlink.NewHandle()
-				if err != nil {
-					return err
-				}
-				defer h.Close()
-				rules, routes, err := listRouting(h)
-				if err != nil {
-					return err
-				}
-				if len(rules)+len(routes) > 0 {
-					return fmt.Errorf("left behind: rules %v, routes %v", rules, routes)
-				}
-				return nil
-			})
+			return routingClean(netnsPath)
 		},
 	}
 	nftCase := engineCase{
@@ -309,7 +295,7 @@ func engineCases() []engineCase {
 		stable:   func(r any) any { return r },
 		register: func(Pod, *net.TCPListener, *net.TCPListener) error { return nil },
 		clean: func(netnsPath string, pod Pod) error {
-			return doNFT(netnsPath, func(c *nftables.Conn) error {
+			err := doNFT(netnsPath, func(c *nftables.Conn) error {
 				tables, err := c.ListTables()
 				if err != nil {
 					return err
@@ -319,9 +305,32 @@ func engineCases() []engineCase {
 				}
 				return nil
 			})
+			if err != nil {
+				return err
+			}
+			return routingClean(netnsPath)
 		},
 	}
 	return []engineCase{ebpfCase, nftCase}
+}
+
+// routingClean reports any rule or route of the engines left in the netns.
+func routingClean(netnsPath string) error {
+	return Do(netnsPath, func(ns.NetNS) error {
+		h, err := netlink.NewHandle()
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		rules, routes, err := listRouting(h)
+		if err != nil {
+			return err
+		}
+		if len(rules)+len(routes) > 0 {
+			return fmt.Errorf("left behind: rules %v, routes %v", rules, routes)
+		}
+		return nil
+	})
 }
 
 func skipUnlessSupported(t *testing.T, ec engineCase) {

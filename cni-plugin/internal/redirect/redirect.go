@@ -18,6 +18,13 @@
 // Both fail closed: when ztunnel is not listening, a captured connection is
 // refused (nftables) or its SYN dropped (eBPF); it never bypasses ztunnel.
 //
+// ztunnel connects inbound connections to the app from the client's address
+// (a transparent socket, marked and bound to lo). Both engines deliver such a
+// connection to the app over lo, uncaptured, and the app's replies to the
+// client's address back to ztunnel's socket rather than out of the pod: the
+// eBPF engine with the routing it has anyway, the nftables engine with a
+// connmark and policy routing into the same table 133.
+//
 // Kubelet probes come from the node, so they would be captured as inbound
 // plaintext. [InstallProbeSNAT] (run by the hostNetwork agent in the node's netns)
 // rewrites the source of TCP connections that processes on the node itself open to

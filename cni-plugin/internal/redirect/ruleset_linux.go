@@ -136,11 +136,25 @@ func readRuleset(c *nftables.Conn, family nftables.TableFamily, name string) (*r
 		cs := chainSpec{chain: ch}
 		for _, r := range rules {
 			comment, _ := userdata.GetString(r.UserData, userdata.TypeComment)
-			cs.rules = append(cs.rules, ruleSpec{exprs: r.Exprs, comment: comment})
+			cs.rules = append(cs.rules, ruleSpec{exprs: fixCtStores(r.Exprs), comment: comment})
 		}
 		rs.chains = append(rs.chains, cs)
 	}
 	return rs, nil
+}
+
+// fixCtStores restores the ct statements (`ct mark set ...`) among exprs read
+// from the kernel: google/nftables decodes a ct expression's destination
+// register but not its source register (NFTA_CT_SREG), so a store reads back
+// as a load into register 0. That is the verdict register, which no load can
+// target, so such an expression is a store; every rule here works in reg.
+func fixCtStores(exprs []expr.Any) []expr.Any {
+	for _, e := range exprs {
+		if ct, ok := e.(*expr.Ct); ok && !ct.SourceRegister && ct.Register == 0 {
+			ct.SourceRegister, ct.Register = true, reg
+		}
+	}
+	return exprs
 }
 
 // render returns rs in an nft-like notation, one statement per line. Every
@@ -230,6 +244,12 @@ func renderRule(r ruleSpec) string {
 			regs[e.Register] = operand{text: metaName(e.Key), kind: metaKind(e.Key)}
 		case *expr.Payload:
 			regs[e.DestRegister] = payloadOperand(e, l4)
+		case *expr.Ct:
+			if e.SourceRegister {
+				out = append(out, fmt.Sprintf("%s set %s", ctName(e.Key), regs[e.Register].text))
+				continue
+			}
+			regs[e.Register] = operand{text: ctName(e.Key), kind: ctKind(e.Key)}
 		case *expr.Fib:
 			regs[e.Register] = fibOperand(e)
 		case *expr.Bitwise:
@@ -244,6 +264,9 @@ func renderRule(r ruleSpec) string {
 				}
 			case isComplement(e.Mask, e.Xor):
 				src.text = fmt.Sprintf("%s | %s", src.text, formatValue(src.kind, e.Xor))
+			case disjoint(e.Mask, e.Xor):
+				// Clearing bits, then setting some of them: nft writes `x & m | v`.
+				src.text = fmt.Sprintf("%s & %s | %s", src.text, formatValue(src.kind, e.Mask), formatValue(src.kind, e.Xor))
 			default:
 				src.text = fmt.Sprintf("(%s & %s) ^ %s", src.text, formatValue(src.kind, e.Mask), formatValue(src.kind, e.Xor))
 			}
@@ -323,6 +346,20 @@ func metaKind(k expr.MetaKey) valueKind {
 	default:
 		return kindRaw
 	}
+}
+
+func ctName(k expr.CtKey) string {
+	if k == expr.CtKeyMARK {
+		return "ct mark"
+	}
+	return fmt.Sprintf("ct key %d", k)
+}
+
+func ctKind(k expr.CtKey) valueKind {
+	if k == expr.CtKeyMARK {
+		return kindMark
+	}
+	return kindRaw
 }
 
 func payloadOperand(p *expr.Payload, l4 string) operand {
@@ -515,6 +552,19 @@ func hookName(h nftables.ChainHook) string {
 
 func isZero(b []byte) bool { return !slices.ContainsFunc(b, func(x byte) bool { return x != 0 }) }
 
+// disjoint reports whether x and y share no set bit.
+func disjoint(x, y []byte) bool {
+	if len(x) != len(y) {
+		return false
+	}
+	for i := range x {
+		if x[i]&y[i] != 0 {
+			return false
+		}
+	}
+	return true
+}
+
 func isComplement(x, y []byte) bool {
 	if len(x) != len(y) {
 		return false
@@ -580,6 +630,45 @@ func inPrefix(p netip.Prefix) []expr.Any {
 		&expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: uint32(n), Mask: mask, Xor: make([]byte, n)},
 		eq(p.Addr().AsSlice()),
 	}
+}
+
+// metaMark loads the packet mark (meta mark); setMetaMark stores it.
+func metaMark() expr.Any { return loadMeta(expr.MetaKeyMARK) }
+
+func setMetaMark() expr.Any {
+	return &expr.Meta{Key: expr.MetaKeyMARK, Register: reg, SourceRegister: true}
+}
+
+// connMark loads the connection's mark (ct mark); setConnMark stores it.
+func connMark() expr.Any { return &expr.Ct{Key: expr.CtKeyMARK, Register: reg} }
+
+func setConnMark() expr.Any {
+	return &expr.Ct{Key: expr.CtKeyMARK, Register: reg, SourceRegister: true}
+}
+
+// maskedMark loads a mark and keeps its bits mask.
+func maskedMark(load expr.Any, mask uint32) []expr.Any {
+	return []expr.Any{load, &expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 4,
+		Mask: binaryutil.NativeEndian.PutUint32(mask), Xor: make([]byte, 4)}}
+}
+
+// markIs matches the bits mask of the mark load reads against mark.
+func markIs(load expr.Any, mask, mark uint32) []expr.Any {
+	return append(maskedMark(load, mask), eq(binaryutil.NativeEndian.PutUint32(mark)))
+}
+
+// markIsNot matches when the bits mask of the mark load reads are not mark.
+func markIsNot(load expr.Any, mask, mark uint32) []expr.Any {
+	return append(maskedMark(load, mask), neq(binaryutil.NativeEndian.PutUint32(mark)))
+}
+
+// setMarkBits sets the bits mask of a mark to mark and keeps the others:
+// load it, clear mask, xor in mark, store.
+func setMarkBits(load, store expr.Any, mask, mark uint32) []expr.Any {
+	return []expr.Any{load,
+		&expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(^mask), Xor: binaryutil.NativeEndian.PutUint32(mark & mask)},
+		store}
 }
 
 func redirectTo(port uint16) []expr.Any {

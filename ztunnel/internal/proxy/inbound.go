@@ -15,6 +15,7 @@ import (
 
 	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/pkg/hbone"
+	"github.com/ambient-mesh/ambient/ztunnel/inpod"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/policy"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/state"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/telemetry"
@@ -81,23 +82,19 @@ func (p *Proxy) podServer(pod *Pod) (*podServer, error) {
 
 // hboneHandler authorizes and connects the CONNECT streams addressed to
 // pod: the authority must be one of the pod's addresses; L4 policy decides
-// with the peer's authenticated identity (401 when denied); the upstream is
-// the application, dialed inside the pod (503 when it cannot be reached).
+// with the peer's authenticated identity and the client address hboneSource
+// vouches for (401 when denied); the upstream is the application, dialed
+// inside the pod from that client address (503 when it cannot be reached).
 func (p *Proxy) hboneHandler(pod *Pod) hbone.Handler {
 	return func(ctx context.Context, req *hbone.Request) (net.Conn, int) {
 		st := p.podStats(pod.UID)
 		st.total.Add(1)
 		dst := p.awaitPodWorkload(ctx, pod, req.Addr.Addr())
 
-		// The tunnel is opened from the client's node, so the client's own
-		// address travels in forwarded.
-		src := req.PeerAddr
-		if req.ForwardedFor.IsValid() {
-			src = req.ForwardedFor
-		}
+		src, srcWorkload := p.hboneSource(ctx, pod, dst, req)
 		rec := p.cfg.Metrics.Open(telemetry.ConnInfo{
 			Reporter: telemetry.ReporterDestination,
-			Src:      telemetry.Peer{Addr: src, Workload: p.cfg.State.WorkloadByIP(network(dst), src.Addr()), Identity: req.Peer.String()},
+			Src:      telemetry.Peer{Addr: src, Workload: srcWorkload, Identity: req.Peer.String()},
 			Dst:      telemetry.Peer{Addr: req.Addr, Workload: dst},
 			MTLS:     true,
 		})
@@ -114,7 +111,7 @@ func (p *Proxy) hboneHandler(pod *Pod) hbone.Handler {
 		}
 
 		dctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
-		up, err := pod.Dial(dctx, "tcp", req.Addr.String())
+		up, err := p.dialApp(dctx, pod, dst, src.Addr(), req.Addr)
 		cancel()
 		if err != nil {
 			rec.Close(fmt.Errorf("%w: dialing %s: %w", telemetry.ErrConnect, req.Addr, err))
@@ -123,6 +120,78 @@ func (p *Proxy) hboneHandler(pod *Pod) hbone.Handler {
 		st.hbone.Add(1)
 		return &meteredConn{Conn: up, rec: rec, done: func() { st.hbone.Add(-1) }}, http.StatusOK
 	}
+}
+
+// hboneSource is the client of a CONNECT request to pod (whose workload dst
+// may be nil) and, when the state knows it, the client's workload. The
+// tunnel is opened from the client's node, so the TCP peer is that node and
+// the client's own address travels in forwarded; but any authenticated peer
+// can write any address there. So forwarded counts only when the state has a
+// workload at that address whose identity is the peer certificate's: then a
+// policy on source IPs (ipBlocks, notIpBlocks), the access log and the
+// metrics see the client, and the app is connected from its address.
+// Otherwise (no header, an address the state does not know, another
+// identity's address) the TCP peer is the client, logged at debug.
+func (p *Proxy) hboneSource(ctx context.Context, pod *Pod, dst *state.Workload, req *hbone.Request) (netip.AddrPort, *state.Workload) {
+	peer := netip.AddrPortFrom(req.PeerAddr.Addr().Unmap(), req.PeerAddr.Port())
+	identity := req.Peer.String()
+	fwd := netip.AddrPortFrom(req.ForwardedFor.Addr().Unmap(), req.ForwardedFor.Port())
+	var why string
+	if !req.ForwardedFor.IsValid() {
+		why = "no forwarded address"
+	} else if w := p.cfg.State.WorkloadByIP(network(dst), fwd.Addr()); w == nil {
+		why = "no workload has the forwarded address"
+	} else if w.Identity != identity {
+		// Waypoints (not implemented yet): the destination ztunnel sees the
+		// waypoint as the peer, and the waypoint forwards the address of the
+		// client it served, a workload of another identity. That address is
+		// to be trusted when the peer's identity is that of the waypoint the
+		// state names for dst (or for the service the client addressed): the
+		// waypoint vouches for the client it authenticated itself. Decide it
+		// here, before the fallback below.
+		why = "the forwarded address is a workload of another identity (" + w.Identity + ")"
+	} else {
+		return fwd, w
+	}
+	if p.cfg.Log.Enabled(ctx, slog.LevelDebug) {
+		p.cfg.Log.LogAttrs(ctx, slog.LevelDebug, "hbone client address is the tcp peer",
+			slog.String("pod", pod.Namespace+"/"+pod.Name), slog.String("peer", identity),
+			slog.String("peer_addr", peer.String()), slog.String("forwarded", req.Forwarded), slog.String("reason", why))
+	}
+	// The peer's address names a workload only if that workload is the
+	// peer's identity too.
+	if w := p.cfg.State.WorkloadByIP(network(dst), peer.Addr()); w != nil && w.Identity == identity {
+		return peer, w
+	}
+	return peer, nil
+}
+
+// dialApp connects to the app at app (inside pod) as client, the
+// connection's validated client address, so that the app sees the client's
+// address as its peer, as with Istio's ambient mesh. Where that cannot be
+// done it connects from the pod's own address, logged at debug: the client
+// is the pod itself (a hairpin, where the client address is already the
+// pod's), its address is unusable as a source (another address family than
+// the app's, unspecified, loopback; see inpod.CheckSource), or the pod has
+// no DialFrom.
+func (p *Proxy) dialApp(ctx context.Context, pod *Pod, dst *state.Workload, client netip.Addr, app netip.AddrPort) (net.Conn, error) {
+	var why string
+	switch err := inpod.CheckSource(client, app.Addr()); {
+	case pod.DialFrom == nil:
+		why = "the pod has no transparent dialer"
+	case client == app.Addr() || dst != nil && slices.Contains(dst.Addresses, client):
+		why = "the client is the pod itself"
+	case err != nil:
+		why = err.Error()
+	default:
+		return pod.DialFrom(ctx, client, "tcp", app.String())
+	}
+	if p.cfg.Log.Enabled(ctx, slog.LevelDebug) {
+		p.cfg.Log.LogAttrs(ctx, slog.LevelDebug, "connecting to the app from the pod's own address",
+			slog.String("pod", pod.Namespace+"/"+pod.Name), slog.String("client", client.String()),
+			slog.String("app", app.Addr().String()), slog.String("reason", why))
+	}
+	return pod.Dial(ctx, "tcp", app.String())
 }
 
 // authorizeHBONE decides a CONNECT request to dst (nil when the state does
@@ -189,7 +258,7 @@ func (p *Proxy) Inbound(pod *Pod, c net.Conn, origDst netip.AddrPort) {
 		rec.Close(fmt.Errorf("%w: %s", telemetry.ErrDenied, decidedBy(dec)))
 		return
 	}
-	up, err := pod.Dial(ctx, "tcp", origDst.String())
+	up, err := p.dialApp(ctx, pod, dst, client.Addr(), origDst)
 	if err != nil {
 		resetOnClose(c)
 		rec.Close(fmt.Errorf("%w: dialing %s: %w", telemetry.ErrConnect, origDst, err))

@@ -46,6 +46,10 @@ type Pod struct {
 	// Dial opens a (marked) connection from inside the pod's network
 	// namespace.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// DialFrom is Dial from the foreign address src (transparently, see
+	// inpod.Manager.DialFrom): inbound connections reach the app as the
+	// client that opened them. Nil means Dial, from the pod's own address.
+	DialFrom func(ctx context.Context, src netip.Addr, network, addr string) (net.Conn, error)
 }
 
 // Config configures a Proxy.

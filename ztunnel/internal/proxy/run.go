@@ -162,6 +162,9 @@ func Run(ctx context.Context, o Options) error {
 		return &Pod{UID: w.UID, Name: w.Name, Namespace: w.Namespace, ServiceAccount: w.ServiceAccount,
 			Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
 				return im.Dial(ctx, w, network, addr)
+			},
+			DialFrom: func(ctx context.Context, src netip.Addr, network, addr string) (net.Conn, error) {
+				return im.DialFrom(ctx, w, src, network, addr)
 			}}
 	}
 	im = inpod.New(inpod.Config{
