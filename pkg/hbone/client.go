@@ -41,6 +41,12 @@ type PoolOptions struct {
 	// Dial opens the TCP connection (ztunnel supplies marked sockets).
 	// Default: a net.Dialer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// PingInterval: a connection that has received nothing for this long
+	// is sent an HTTP/2 PING, and closed (its streams fail, the next
+	// Connect dials anew) when no answer comes within PingTimeout. A peer
+	// node that vanished without a reset is found this way instead of
+	// holding streams forever. Defaults 30s and 10s.
+	PingInterval, PingTimeout time.Duration
 }
 
 // Pool originates HBONE streams over pooled HTTP/2 connections.
@@ -78,6 +84,12 @@ func NewPool(opts PoolOptions) *Pool {
 	if opts.IdleTimeout <= 0 {
 		opts.IdleTimeout = 5 * time.Minute
 	}
+	if opts.PingInterval <= 0 {
+		opts.PingInterval = 30 * time.Second
+	}
+	if opts.PingTimeout <= 0 {
+		opts.PingTimeout = 10 * time.Second
+	}
 	if opts.HandshakeTimeout <= 0 {
 		opts.HandshakeTimeout = 10 * time.Second
 	}
@@ -87,7 +99,7 @@ func NewPool(opts PoolOptions) *Pool {
 	}
 	return &Pool{
 		opts:  opts,
-		t:     newTransport(),
+		t:     newTransport(opts.PingInterval, opts.PingTimeout),
 		conns: make(map[Key][]*poolConn),
 	}
 }
@@ -102,7 +114,7 @@ const (
 
 // newTransport returns the HTTP/2 transport that frames a Pool's
 // connections; pooling and idle expiry are the Pool's.
-func newTransport() *http2.Transport {
+func newTransport(pingInterval, pingTimeout time.Duration) *http2.Transport {
 	// The receive windows are only settable through net/http's HTTP2Config.
 	t1 := &http.Transport{HTTP2: &http.HTTP2Config{
 		MaxReceiveBufferPerStream:     clientStreamWindow,
@@ -117,6 +129,8 @@ func newTransport() *http2.Transport {
 	// Responses arrive in frames of up to maxReadFrame: one upstream read
 	// of a Server each, rather than x/net's default 16 KiB.
 	t.MaxReadFrameSize = maxReadFrame
+	t.ReadIdleTimeout = pingInterval
+	t.PingTimeout = pingTimeout
 	return t
 }
 

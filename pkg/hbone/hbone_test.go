@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -414,4 +415,96 @@ func rawClientConn(t testing.TB, e *testEnv) *http2.ClientConn {
 	}
 	t.Cleanup(func() { cc.Close() })
 	return cc
+}
+
+// frozenConn stands for a peer that vanished without a reset: once frozen,
+// nothing more arrives and what is written goes nowhere.
+type frozenConn struct {
+	net.Conn
+	frozen atomic.Bool
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (c *frozenConn) Read(b []byte) (int, error) {
+	if c.frozen.Load() {
+		<-c.closed
+		return 0, net.ErrClosed
+	}
+	n, err := c.Conn.Read(b)
+	if c.frozen.Load() {
+		<-c.closed
+		return 0, net.ErrClosed
+	}
+	return n, err
+}
+
+func (c *frozenConn) Write(b []byte) (int, error) {
+	if c.frozen.Load() {
+		return len(b), nil
+	}
+	return c.Conn.Write(b)
+}
+
+func (c *frozenConn) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return c.Conn.Close()
+}
+
+func TestPingFindsAPeerThatVanished(t *testing.T) {
+	e := newTestEnv(t, envOptions{})
+	var conns []*frozenConn
+	var mu sync.Mutex
+	pool := NewPool(PoolOptions{
+		PingInterval: 100 * time.Millisecond,
+		PingTimeout:  100 * time.Millisecond,
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			var d net.Dialer
+			c, err := d.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			fc := &frozenConn{Conn: c, closed: make(chan struct{})}
+			mu.Lock()
+			conns = append(conns, fc)
+			mu.Unlock()
+			return fc, nil
+		},
+	})
+	defer pool.Close()
+	connect := func() (net.Conn, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return pool.Connect(ctx, e.key(), e.clientTLS, e.echoAddr.String(), Headers{})
+	}
+	c, err := connect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	echoOnce(t, c, "before")
+	// An idle connection answers the pings and stays.
+	time.Sleep(400 * time.Millisecond)
+	echoOnce(t, c, "idle but alive")
+
+	mu.Lock()
+	conns[0].frozen.Store(true)
+	mu.Unlock()
+	// The stream on the silent connection fails instead of hanging.
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read on a stream of a vanished peer: %v, want the connection's failure before the deadline", err)
+	}
+	// The next stream gets a new connection.
+	c2, err := connect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	echoOnce(t, c2, "after")
+	mu.Lock()
+	defer mu.Unlock()
+	if len(conns) != 2 {
+		t.Errorf("%d connections dialed, want 2", len(conns))
+	}
 }
