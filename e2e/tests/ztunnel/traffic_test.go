@@ -176,10 +176,44 @@ func TestAPodOutsideTheMeshStillReachesAnEnrolledPod(t *testing.T) {
 	plain := env.Namespace(t, nil)
 	env.CreatePod(t, onNode(kubetest.SleeperPod(plain, "outsider"), "node2"))
 	env.WaitPodReady(t, plain, "outsider", 30*time.Second)
-	out, err := get(t, env, plain, "outsider", fmt.Sprintf("%s:%d", f.near.Status.PodIP, kubetest.EchoHTTPPort))
+	env.CreatePod(t, echoPod(plain, "plainecho", "node2"))
+	plainEcho := env.WaitPodReady(t, plain, "plainecho", 30*time.Second)
+	near := fmt.Sprintf("%s:%d", f.near.Status.PodIP, kubetest.EchoHTTPPort)
+	out, err := get(t, env, plain, "outsider", near)
 	if err != nil || !strings.Contains(out, `"pod":"near"`) {
 		t.Errorf("plaintext from outside the mesh got %q, %v; want the enrolled pod's reply", out, err)
 	}
+
+	t.Run("an enrolled pod reaches a pod outside the mesh", func(t *testing.T) {
+		target := fmt.Sprintf("%s:%d", plainEcho.Status.PodIP, kubetest.EchoHTTPPort)
+		out, err := get(t, env, f.ns, "client", target)
+		if err != nil || !strings.Contains(out, `"pod":"plainecho"`) {
+			t.Errorf("from an enrolled pod to %s: %q, %v; want the plain pod's reply", target, out, err)
+		}
+	})
+
+	t.Run("STRICT PeerAuthentication refuses plaintext, not mTLS", func(t *testing.T) {
+		ctx := context.Background()
+		cmd := env.KubectlCmd(ctx, "apply", "-f", "-")
+		cmd.Stdin = strings.NewReader(fmt.Sprintf(`
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: %s}
+spec:
+  mtls: {mode: STRICT}
+`, f.ns))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		t.Cleanup(func() { env.RunKubectl(ctx, "delete", "peerauthentication", "-n", f.ns, "strict") })
+		env.WaitFor(t, 10*time.Second, "plaintext from outside the mesh to be refused", func(context.Context) (bool, error) {
+			out, err := get(t, env, plain, "outsider", near)
+			return err != nil && !strings.Contains(out, `"pod":"near"`), nil
+		})
+		if out, err := get(t, env, f.ns, "client", near); err != nil || !strings.Contains(out, `"pod":"near"`) {
+			t.Errorf("mTLS from an enrolled pod under STRICT: %q, %v; want the reply", out, err)
+		}
+	})
 }
 
 func TestAuthorizationPolicyDenyTakesEffect(t *testing.T) {
