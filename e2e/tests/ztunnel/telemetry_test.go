@@ -72,4 +72,31 @@ func TestAccessLogsAndByteCountsDescribeTheConnection(t *testing.T) {
 	if found.BytesSent < size || found.BytesRecv == 0 {
 		t.Errorf("access log bytes sent %d received %d, want at least %d sent and the request received", found.BytesSent, found.BytesRecv, size)
 	}
+
+	// Both ztunnels count it with Istio's labels and byte semantics:
+	// received bytes are the request's, sent bytes the reply's, for either
+	// reporter.
+	labels := []string{
+		`source_workload="client"`, fmt.Sprintf(`source_workload_namespace=%q`, f.ns), fmt.Sprintf(`source_principal=%q`, wantID),
+		`source_canonical_service="client"`, `source_canonical_revision="latest"`,
+		`destination_workload="far"`, fmt.Sprintf(`destination_workload_namespace=%q`, f.ns), fmt.Sprintf(`destination_principal=%q`, wantID),
+		`destination_canonical_service="echo"`, `connection_security_policy="mutual_tls"`, `request_protocol="tcp"`, `response_flags="-"`,
+	}
+	for _, side := range []struct{ reporter, node string }{
+		{"destination", f.far.Status.HostIP},
+		{"source", f.client.Status.HostIP},
+	} {
+		want := append([]string{fmt.Sprintf(`reporter=%q`, side.reporter)}, labels...)
+		env.WaitFor(t, 10*time.Second, side.reporter+" ztunnel's closed connection and bytes", func(context.Context) (bool, error) {
+			return series(t, side.node, "istio_tcp_connections_closed_total", want...) >= 1 &&
+				series(t, side.node, "istio_tcp_sent_bytes_total", want...) >= size &&
+				series(t, side.node, "istio_tcp_received_bytes_total", want...) > 0, nil
+		})
+		if sent, recv := series(t, side.node, "istio_tcp_sent_bytes_total", want...), series(t, side.node, "istio_tcp_received_bytes_total", want...); recv >= sent {
+			t.Errorf("%s ztunnel: %v bytes received (the request), %v sent (the reply of %d bytes)", side.reporter, recv, sent, size)
+		}
+		if n := series(t, side.node, "istio_tcp_connections_opened_total", want...); n < 1 {
+			t.Errorf("%s ztunnel: istio_tcp_connections_opened_total{%v} = %v, want 1", side.reporter, want, n)
+		}
+	}
 }
