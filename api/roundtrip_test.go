@@ -13,6 +13,7 @@ import (
 	"github.com/ambient-mesh/ambient/api/ca"
 	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/api/workloadapi"
+	"github.com/ambient-mesh/ambient/api/xds"
 	"github.com/ambient-mesh/ambient/api/zds"
 )
 
@@ -23,6 +24,7 @@ var generatedFiles = []protoreflect.FileDescriptor{
 	security.File_security_authorization_proto,
 	zds.File_zds_zds_proto,
 	ca.File_ca_ca_proto,
+	xds.File_xds_xds_proto,
 }
 
 // fillDepth bounds how deep fill recurses into nested messages; the

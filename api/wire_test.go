@@ -6,6 +6,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -13,6 +14,7 @@ import (
 	"github.com/ambient-mesh/ambient/api/ca"
 	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/api/workloadapi"
+	"github.com/ambient-mesh/ambient/api/xds"
 	"github.com/ambient-mesh/ambient/api/zds"
 )
 
@@ -157,6 +159,48 @@ func TestMessagesEncodeToIstioWireBytes(t *testing.T) {
 			msg:  &ca.IstioCertificateResponse{CertChain: []string{"a", "b"}},
 			want: []byte{0x0a, 0x01, 'a', 0x0a, 0x01, 'b'},
 		},
+		{
+			name: "DeltaDiscoveryRequest node is field 1 (Node.id field 1) and type_url is field 2",
+			msg:  &xds.DeltaDiscoveryRequest{Node: &xds.Node{Id: "i"}, TypeUrl: "t"},
+			want: []byte{0x0a, 0x03, 0x0a, 0x01, 'i', 0x12, 0x01, 't'},
+		},
+		{
+			name: "DeltaDiscoveryRequest resource_names_subscribe and _unsubscribe are repeated fields 3 and 4",
+			msg:  &xds.DeltaDiscoveryRequest{ResourceNamesSubscribe: []string{"*"}, ResourceNamesUnsubscribe: []string{"x"}},
+			want: []byte{0x1a, 0x01, '*', 0x22, 0x01, 'x'},
+		},
+		{
+			name: "DeltaDiscoveryRequest initial_resource_versions is map field 5",
+			msg:  &xds.DeltaDiscoveryRequest{InitialResourceVersions: map[string]string{"r": "v"}},
+			want: []byte{0x2a, 0x06, 0x0a, 0x01, 'r', 0x12, 0x01, 'v'},
+		},
+		{
+			name: "DeltaDiscoveryRequest response_nonce is field 6 and error_detail field 7 holds code 1 and message 2",
+			msg:  &xds.DeltaDiscoveryRequest{ResponseNonce: "n", ErrorDetail: &xds.Status{Code: 3, Message: "m"}},
+			want: []byte{0x32, 0x01, 'n', 0x3a, 0x05, 0x08, 0x03, 0x12, 0x01, 'm'},
+		},
+		{
+			name: "DeltaDiscoveryResponse system_version_info, type_url, nonce and removed_resources are fields 1, 4, 5 and 6",
+			msg:  &xds.DeltaDiscoveryResponse{SystemVersionInfo: "s", TypeUrl: "t", Nonce: "n", RemovedResources: []string{"r"}},
+			want: []byte{0x0a, 0x01, 's', 0x22, 0x01, 't', 0x2a, 0x01, 'n', 0x32, 0x01, 'r'},
+		},
+		{
+			name: "DeltaDiscoveryResponse resources is repeated field 2",
+			msg:  &xds.DeltaDiscoveryResponse{Resources: []*xds.Resource{{Name: "a"}}},
+			want: []byte{0x12, 0x03, 0x1a, 0x01, 'a'},
+		},
+		{
+			name: "Resource version, resource (Any) and name are fields 1, 2 and 3",
+			msg:  &xds.Resource{Version: "v", Resource: &anypb.Any{TypeUrl: "u", Value: []byte{1}}, Name: "a"},
+			want: []byte{0x0a, 0x01, 'v', 0x12, 0x06, 0x0a, 0x01, 'u', 0x12, 0x01, 0x01, 0x1a, 0x01, 'a'},
+		},
+		{
+			name: "Node id, cluster and metadata (Struct) are fields 1, 2 and 3",
+			msg: &xds.Node{Id: "i", Cluster: "c", Metadata: &structpb.Struct{Fields: map[string]*structpb.Value{
+				"k": structpb.NewStringValue("v"),
+			}}},
+			want: []byte{0x0a, 0x01, 'i', 0x12, 0x01, 'c', 0x1a, 0x0a, 0x0a, 0x08, 0x0a, 0x01, 'k', 0x12, 0x03, 0x1a, 0x01, 'v'},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -195,6 +239,8 @@ func TestWireNamesMatchIstio(t *testing.T) {
 		{"the CA method path is Istio's", ca.IstioCertificateService_CreateCertificate_FullMethodName,
 			"/istio.v1.auth.IstioCertificateService/CreateCertificate"},
 		{"the CA request is istio.v1.auth.IstioCertificateRequest", fullName(&ca.IstioCertificateRequest{}), "istio.v1.auth.IstioCertificateRequest"},
+		{"the delta ADS method path is envoy's", xds.DeltaAggregatedResourcesMethod,
+			"/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -3,6 +3,7 @@ module github.com/ambient-mesh/ambient/pkg
 go 1.26.0
 
 require (
+	github.com/ambient-mesh/ambient/api v0.0.0
 	github.com/envoyproxy/go-control-plane/envoy v1.40.0
 	github.com/spiffe/go-spiffe/v2 v2.9.0
 	golang.org/x/net v0.60.0
@@ -18,3 +19,5 @@ require (
 	golang.org/x/sys v0.48.0 // indirect
 	golang.org/x/text v0.42.0 // indirect
 )
+
+replace github.com/ambient-mesh/ambient/api => ../api

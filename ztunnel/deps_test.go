@@ -29,9 +29,30 @@ const kubectlPlugin = "github.com/ambient-mesh/ambient/ztunnel/cmd/kubectl-ztunn
 // tests): only the kubectl plugin itself, not a package next to or below it.
 func exempt(importPath string) bool { return importPath == kubectlPlugin }
 
+// forbiddenInBinary are dependencies ztunnel's binary must not link, though
+// its tests may. ztunnel's resident memory is mostly its executable's code
+// and data faulted in, and every linked package is touched at start-up and
+// by the garbage collector. go-control-plane (with cncf/xds and
+// protoc-gen-validate) added megabytes for the five messages of delta xDS,
+// which api/xds now describes; cilium/ebpf (with its BTF and ELF code) was
+// there only to put two sockets into a pinned SOCKMAP, which
+// bpf/redirect/sockmap now does with bpf(2). Tests use both: the eBPF
+// engine to attach the program ztunnel's sockets serve.
+var forbiddenInBinary = []string{
+	"github.com/envoyproxy/go-control-plane",
+	"github.com/cilium/ebpf",
+}
+
 // forbidden reports whether an import path belongs to a forbidden module.
-func forbidden(importPath string) bool {
-	for _, m := range forbiddenModules {
+func forbidden(importPath string) bool { return inModules(importPath, forbiddenModules) }
+
+// forbiddenForBinary reports whether an import path belongs to a module the
+// binary must not link.
+func forbiddenForBinary(importPath string) bool { return inModules(importPath, forbiddenInBinary) }
+
+// inModules reports whether an import path belongs to one of modules.
+func inModules(importPath string, modules []string) bool {
+	for _, m := range modules {
 		if importPath == m || strings.HasPrefix(importPath, m+"/") {
 			return true
 		}
@@ -56,6 +77,29 @@ func TestForbiddenMatchesWholePathElements(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			if got := forbidden(tt.importPath); got != tt.want {
 				t.Errorf("forbidden(%q) = %v, want %v", tt.importPath, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestForbiddenForBinaryMatchesWholePathElements(t *testing.T) {
+	tests := []struct {
+		name       string
+		importPath string
+		want       bool
+	}{
+		{"a go-control-plane package is forbidden", "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3", true},
+		{"cilium/ebpf itself is forbidden", "github.com/cilium/ebpf", true},
+		{"a cilium/ebpf subpackage is forbidden", "github.com/cilium/ebpf/btf", true},
+		{"a module whose name only starts like cilium/ebpf is allowed", "github.com/cilium/ebpfx", false},
+		{"our socket registration is allowed", "github.com/ambient-mesh/ambient/bpf/redirect/sockmap", false},
+		{"our delta xDS messages are allowed", "github.com/ambient-mesh/ambient/api/xds", false},
+		{"the Kubernetes client is not this list's business", "k8s.io/client-go", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := forbiddenForBinary(tt.importPath); got != tt.want {
+				t.Errorf("forbiddenForBinary(%q) = %v, want %v", tt.importPath, got, tt.want)
 			}
 		})
 	}
@@ -140,10 +184,10 @@ func TestTheKubectlPluginIsTheOnlyException(t *testing.T) {
 	}
 }
 
-// TestZtunnelNeverLinksTheKubernetesClient lists every package the module's
-// packages (but the kubectl plugin) and their tests depend on and fails on
-// any forbidden one, naming the packages that import it.
-func TestZtunnelNeverLinksTheKubernetesClient(t *testing.T) {
+// checkedPackages returns the module's packages but the exempt kubectl
+// plugin, making sure the ztunnel binary is among them.
+func checkedPackages(t *testing.T) []string {
+	t.Helper()
 	var checked []string
 	for path := range modulePackages(t) {
 		if !exempt(path) {
@@ -151,15 +195,37 @@ func TestZtunnelNeverLinksTheKubernetesClient(t *testing.T) {
 		}
 	}
 	slices.Sort(checked)
-	// The ztunnel binary must stay under the rule whatever the exception.
+	// The ztunnel binary must stay under the rules whatever the exception.
 	if !slices.Contains(checked, "github.com/ambient-mesh/ambient/ztunnel/cmd/ztunnel") {
 		t.Fatalf("the ztunnel binary is not among the packages checked: %q", checked)
 	}
-	out := goList(t, append([]string{"-deps", "-test",
-		"-f", "{{.ImportPath}}{{range .Imports}} {{.}}{{end}}"}, checked...)...)
+	return checked
+}
 
-	// importers maps each forbidden package in the graph to the allowed
-	// packages that import it, which is where a fix has to start.
+// TestZtunnelNeverLinksTheKubernetesClient lists every package the module's
+// packages (but the kubectl plugin) and their tests depend on and fails on
+// any forbidden one, naming the packages that import it.
+func TestZtunnelNeverLinksTheKubernetesClient(t *testing.T) {
+	out := goList(t, append([]string{"-deps", "-test",
+		"-f", "{{.ImportPath}}{{range .Imports}} {{.}}{{end}}"}, checkedPackages(t)...)...)
+	reportForbidden(t, out, forbidden, forbiddenModules)
+}
+
+// TestTheZtunnelBinaryLinksNeitherGoControlPlaneNorCiliumEBPF lists every
+// package the module's packages (but the kubectl plugin) depend on, without
+// their tests, so the binary and any library it may come to import, and
+// fails on a package of forbiddenInBinary.
+func TestTheZtunnelBinaryLinksNeitherGoControlPlaneNorCiliumEBPF(t *testing.T) {
+	out := goList(t, append([]string{"-deps",
+		"-f", "{{.ImportPath}}{{range .Imports}} {{.}}{{end}}"}, checkedPackages(t)...)...)
+	reportForbidden(t, out, forbiddenForBinary, forbiddenInBinary)
+}
+
+// reportForbidden reads go list lines of "package imports..." and fails on
+// every package for which isForbidden holds, naming the allowed packages that
+// import it, which is where a fix has to start.
+func reportForbidden(t *testing.T, out string, isForbidden func(string) bool, modules []string) {
+	t.Helper()
 	importers := map[string][]string{}
 	listed := 0
 	for line := range strings.Lines(out) {
@@ -169,14 +235,14 @@ func TestZtunnelNeverLinksTheKubernetesClient(t *testing.T) {
 		}
 		listed++
 		pkg, imports := fields[0], fields[1:]
-		if forbidden(pkg) {
+		if isForbidden(pkg) {
 			if _, ok := importers[pkg]; !ok {
 				importers[pkg] = nil
 			}
 			continue
 		}
 		for _, imp := range imports {
-			if forbidden(imp) && !slices.Contains(importers[imp], pkg) {
+			if isForbidden(imp) && !slices.Contains(importers[imp], pkg) {
 				importers[imp] = append(importers[imp], pkg)
 			}
 		}
@@ -195,6 +261,6 @@ func TestZtunnelNeverLinksTheKubernetesClient(t *testing.T) {
 		t.Errorf("ztunnel depends on %s (imported by %s)", pkg, strings.Join(importers[pkg], ", "))
 	}
 	if below > 0 {
-		t.Errorf("and on %d more packages of %s that those import", below, strings.Join(forbiddenModules, " and "))
+		t.Errorf("and on %d more packages of %s that those import", below, strings.Join(modules, " and "))
 	}
 }

@@ -32,7 +32,10 @@
 //
 // State lives in bpffs under PinRoot/<pod-uid>/: "link" (the sk_lookup link, so
 // the program stays attached when the agent exits), "sockets" (the SOCKMAP
-// ztunnel fills, see [RegisterSockets]) and "pod_addrs". Attach mounts bpffs at
+// ztunnel fills, see [RegisterSockets]) and "pod_addrs". The sockets side of
+// that contract (pin path, slots, ztunnel's mark and ports, registration)
+// lives in the subpackage sockmap, which does not need the eBPF library, so
+// ztunnel links it alone. Attach mounts bpffs at
 // /sys/fs/bpf in the caller's mount namespace when nothing is mounted there;
 // the node agent should run with the host's /sys/fs/bpf (hostPath, mount
 // propagation Bidirectional) so that pins outlive its container.

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/ambient-mesh/ambient/bpf/redirect/sockmap"
 )
 
 // skLookupCtx is struct bpf_sk_lookup as BPF_PROG_TEST_RUN takes it.
@@ -99,7 +101,7 @@ func (p *progs) run(tb testing.TB, onLo bool, c skLookupCtx) (verdict uint32, se
 
 func (p *progs) put(tb testing.TB, slot uint32, c syscall.Conn) {
 	tb.Helper()
-	if err := putSocket(p.sockets, slot, c); err != nil {
+	if err := sockmap.Put(p.sockets.FD(), slot, c); err != nil {
 		tb.Fatalf("slot %d: %v", slot, err)
 	}
 }
@@ -221,7 +223,7 @@ func TestProgram(t *testing.T) {
 
 	t.Run("MPTCP listener refused with a hint", func(t *testing.T) {
 		l := listenIn(t, ns, "tcp", ":0", net.ListenConfig{}).(*net.TCPListener) // Go's default: MPTCP
-		if err := putSocket(p.sockets, SlotInbound, l); err == nil || !strings.Contains(err.Error(), "MPTCP") {
+		if err := sockmap.Put(p.sockets.FD(), SlotInbound, l); err == nil || !strings.Contains(err.Error(), "MPTCP") {
 			t.Fatalf("got %v, want an MPTCP error", err)
 		}
 	})

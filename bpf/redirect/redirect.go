@@ -6,24 +6,26 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
+
+	"github.com/ambient-mesh/ambient/bpf/redirect/sockmap"
 )
 
-// Constants shared with redirect.c and cni-plugin/internal/redirect.
+// Constants shared with redirect.c and cni-plugin/internal/redirect. They are
+// defined in sockmap, the part of the engine that ztunnel links.
 const (
 	// Mark is ztunnel's SO_MARK; the routing rules let marked traffic out.
-	Mark = 0x539
+	Mark = sockmap.Mark
 	// PortOutbound, PortInbound, PortHBONE and PortDNS are ztunnel's ports.
-	PortOutbound = 15001
-	PortInbound  = 15006
-	PortHBONE    = 15008
-	PortDNS      = 15053
+	PortOutbound = sockmap.PortOutbound
+	PortInbound  = sockmap.PortInbound
+	PortHBONE    = sockmap.PortHBONE
+	PortDNS      = sockmap.PortDNS
 )
 
 // ProbeSource is the address kubelet probes are SNATed to on the node; the
@@ -32,27 +34,27 @@ var ProbeSource = netip.AddrFrom4([4]byte{169, 254, 7, 127})
 
 // Slots of the sockets map (see ../../cni-plugin/README.md).
 const (
-	SlotOutbound = 0 // TCP listener on 15001
-	SlotInbound  = 1 // TCP listener on 15006
-	SlotDNS      = 2 // UDP socket on 15053
+	SlotOutbound = sockmap.SlotOutbound // TCP listener on 15001
+	SlotInbound  = sockmap.SlotInbound  // TCP listener on 15006
+	SlotDNS      = sockmap.SlotDNS      // UDP socket on 15053
 )
 
 // BPFFSRoot is where bpffs is expected (and mounted when missing); PinRoot is
 // this package's directory in it.
 const (
-	BPFFSRoot = "/sys/fs/bpf"
-	PinRoot   = BPFFSRoot + "/ambient"
+	BPFFSRoot = sockmap.BPFFSRoot
+	PinRoot   = sockmap.PinRoot
 )
 
+// Pins in a pod's directory besides the sockets map ([SocketMapPath]).
 const (
 	pinLink     = "link"
-	pinSockets  = "sockets"
 	pinPodAddrs = "pod_addrs"
 )
 
 // ErrNotAttached is returned (wrapped) by Status and RegisterSockets for a pod
 // that has no pins.
-var ErrNotAttached = errors.New("redirect: not attached")
+var ErrNotAttached = sockmap.ErrNotAttached
 
 // bpffsMu serialises mounting bpffs; podLocks serialises changes to one
 // pod's pins, so that enrolling many pods at once (a namespace labeled with
@@ -72,18 +74,11 @@ func lockPod(podUID string) func() {
 
 // SocketMapPath is the bpffs path of the pod's SOCKMAP, into which ztunnel
 // inserts its listening sockets.
-func SocketMapPath(podUID string) string {
-	return filepath.Join(PinRoot, podUID, pinSockets)
-}
+func SocketMapPath(podUID string) string { return sockmap.Path(podUID) }
 
 func pinDir(podUID string) string { return filepath.Join(PinRoot, podUID) }
 
-func checkUID(podUID string) error {
-	if podUID == "" || podUID == "." || podUID == ".." || strings.ContainsAny(podUID, "/\x00") {
-		return fmt.Errorf("redirect: invalid pod uid %q", podUID)
-	}
-	return nil
-}
+func checkUID(podUID string) error { return sockmap.CheckPodUID(podUID) }
 
 // Supported reports whether this kernel and these privileges can run the
 // engine, by loading the program (which needs sk_lookup with ingress_ifindex,
@@ -205,7 +200,7 @@ func attachNew(nsFD int, podUID string, keys []redirectPodAddr) (err error) {
 			_ = removePins(podUID)
 		}
 	}()
-	if err := objs.Sockets.Pin(filepath.Join(dir, pinSockets)); err != nil {
+	if err := objs.Sockets.Pin(SocketMapPath(podUID)); err != nil {
 		return fmt.Errorf("redirect: pin sockets map: %w", err)
 	}
 	if err := objs.PodAddrs.Pin(filepath.Join(dir, pinPodAddrs)); err != nil {
@@ -326,7 +321,7 @@ func openPins(podUID string) (_ *pins, err error) {
 		return nil, fmt.Errorf("redirect: pinned link %d is not a netns link", p.info.ID)
 	}
 	p.netnsIno = uint64(ni.NetnsInode) // 0 once the netns is gone
-	if p.sockets, err = ebpf.LoadPinnedMap(filepath.Join(dir, pinSockets), nil); err != nil {
+	if p.sockets, err = ebpf.LoadPinnedMap(SocketMapPath(podUID), nil); err != nil {
 		return nil, fmt.Errorf("redirect: open pinned sockets map: %w", err)
 	}
 	if p.podAddrs, err = ebpf.LoadPinnedMap(filepath.Join(dir, pinPodAddrs), nil); err != nil {

@@ -7,7 +7,8 @@ import (
 	"syscall"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
+
+	"github.com/ambient-mesh/ambient/bpf/redirect/sockmap"
 )
 
 // Report describes a pod's attachment (the agent's debug endpoint shows it).
@@ -82,44 +83,8 @@ func Status(podUID string) (Report, error) {
 // (ztunnel, or a test stand-in) in the pod's sockets map: outbound (TCP,
 // 15001), inbound (TCP, 15006) and dns (UDP, 15053). A nil conn leaves its
 // slot as it is. The sockets must have been opened inside the pod's netns; a
-// socket leaves the map by itself when it is closed.
+// socket leaves the map by itself when it is closed. It is [sockmap.Register],
+// which ztunnel calls directly so as not to link this package's eBPF library.
 func RegisterSockets(podUID string, outbound, inbound, dns syscall.Conn) error {
-	if err := checkUID(podUID); err != nil {
-		return err
-	}
-	m, err := ebpf.LoadPinnedMap(SocketMapPath(podUID), nil)
-	if err != nil {
-		if errors.Is(err, syscall.ENOENT) {
-			return fmt.Errorf("%w: pod %s", ErrNotAttached, podUID)
-		}
-		return fmt.Errorf("redirect: open sockets map: %w", err)
-	}
-	defer m.Close()
-	for slot, c := range []syscall.Conn{outbound, inbound, dns} {
-		if c == nil {
-			continue
-		}
-		if err := putSocket(m, uint32(slot), c); err != nil {
-			return fmt.Errorf("redirect: register socket in slot %d: %w", slot, err)
-		}
-	}
-	return nil
-}
-
-func putSocket(m *ebpf.Map, slot uint32, c syscall.Conn) error {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var uerr error
-	err = rc.Control(func(fd uintptr) {
-		// Go (1.24+) listens with MPTCP by default, and an MPTCP socket can
-		// neither sit in a SOCKMAP nor be picked by sk_lookup.
-		if p, _ := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL); p == unix.IPPROTO_MPTCP {
-			uerr = errors.New("MPTCP socket; listen with net.ListenConfig.SetMultipathTCP(false)")
-			return
-		}
-		uerr = m.Update(slot, uint64(fd), ebpf.UpdateAny)
-	})
-	return errors.Join(err, uerr)
+	return sockmap.Register(podUID, outbound, inbound, dns)
 }

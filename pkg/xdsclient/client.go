@@ -6,7 +6,9 @@
 // (initial_resource_versions) so that it receives only the difference.
 //
 // It is used by ztunnel, the waypoint and tests, so it must stay small and
-// must not depend on Kubernetes libraries.
+// must not depend on Kubernetes libraries, nor on go-control-plane: it speaks
+// envoy's protocol with api/xds, our own messages with envoy's field numbers
+// (go-control-plane alone added megabytes to ztunnel's resident memory).
 package xdsclient
 
 import (
@@ -21,14 +23,13 @@ import (
 	"sync"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	statuspb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+
+	"github.com/ambient-mesh/ambient/api/xds"
 )
 
 // Reconnect backoff: exponential from minBackoff, capped at maxBackoff, each
@@ -60,7 +61,7 @@ type Config struct {
 	// connection attempt, so a rotated token is picked up); may be nil.
 	Token func() (string, error)
 	// Node identifies the client to the server (sent on the first request).
-	Node *corev3.Node
+	Node *xds.Node
 	// TypeURLs are the resource types to subscribe to (wildcard).
 	TypeURLs []string
 	// OnUpdate is called with each response's resources before they enter the
@@ -69,7 +70,7 @@ type Config struct {
 	// server's first response when nothing changed). Calls are sequential;
 	// the stream waits for them, so a slow OnUpdate slows only this client.
 	// The slices must not be modified. May be nil.
-	OnUpdate func(typeURL string, upserts []*discoveryv3.Resource, removals []string) error
+	OnUpdate func(typeURL string, upserts []*xds.Resource, removals []string) error
 	// Dial, when set, opens the connection to Address instead of a plain TCP
 	// dial (a test resolving a Service name to the current pod, say).
 	Dial func(ctx context.Context, address string) (net.Conn, error)
@@ -84,7 +85,7 @@ type Client struct {
 	mu sync.Mutex
 	// cache holds the accepted resources by type URL and name; guarded by mu.
 	// The Resource values are never modified once stored.
-	cache map[string]map[string]*discoveryv3.Resource
+	cache map[string]map[string]*xds.Resource
 	// unsynced holds the types that have not had a first accepted response;
 	// guarded by mu. synced is closed when it becomes empty.
 	unsynced map[string]struct{}
@@ -96,11 +97,11 @@ func New(c Config) *Client {
 		cfg:      c,
 		log:      slog.Default().With("component", "xdsclient", "address", c.Address),
 		synced:   make(chan struct{}),
-		cache:    make(map[string]map[string]*discoveryv3.Resource, len(c.TypeURLs)),
+		cache:    make(map[string]map[string]*xds.Resource, len(c.TypeURLs)),
 		unsynced: make(map[string]struct{}, len(c.TypeURLs)),
 	}
 	for _, t := range c.TypeURLs {
-		cl.cache[t] = make(map[string]*discoveryv3.Resource)
+		cl.cache[t] = make(map[string]*xds.Resource)
 		cl.unsynced[t] = struct{}{}
 	}
 	if len(cl.unsynced) == 0 {
@@ -114,7 +115,7 @@ func (c *Client) Synced() <-chan struct{} { return c.synced }
 
 // Resources returns a copy of the cached resources of typeURL by name. The
 // Resource values are shared with the cache and must not be modified.
-func (c *Client) Resources(typeURL string) map[string]*discoveryv3.Resource {
+func (c *Client) Resources(typeURL string) map[string]*xds.Resource {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return maps.Clone(c.cache[typeURL])
@@ -143,11 +144,10 @@ func (c *Client) Run(ctx context.Context) error {
 		return fmt.Errorf("creating grpc client for %s: %w", c.cfg.Address, err)
 	}
 	defer cc.Close()
-	ads := discoveryv3.NewAggregatedDiscoveryServiceClient(cc)
 
 	attempt := 0
 	for {
-		healthy, err := c.stream(ctx, ads)
+		healthy, err := c.stream(ctx, cc)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -178,7 +178,7 @@ func backoff(n int) time.Duration {
 
 // stream runs one stream until it fails; healthy reports whether the server
 // answered at all (which resets the backoff).
-func (c *Client) stream(ctx context.Context, ads discoveryv3.AggregatedDiscoveryServiceClient) (healthy bool, err error) {
+func (c *Client) stream(ctx context.Context, cc grpc.ClientConnInterface) (healthy bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if c.cfg.Token != nil {
@@ -188,12 +188,12 @@ func (c *Client) stream(ctx context.Context, ads discoveryv3.AggregatedDiscovery
 		}
 		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok)
 	}
-	s, err := ads.DeltaAggregatedResources(ctx)
+	s, err := xds.OpenDeltaStream(ctx, cc)
 	if err != nil {
 		return false, fmt.Errorf("opening delta ads stream: %w", err)
 	}
 	for i, t := range c.cfg.TypeURLs {
-		req := &discoveryv3.DeltaDiscoveryRequest{
+		req := &xds.DeltaDiscoveryRequest{
 			TypeUrl:                 t,
 			ResourceNamesSubscribe:  []string{wildcard},
 			InitialResourceVersions: c.versions(t),
@@ -230,16 +230,16 @@ func (c *Client) versions(typeURL string) map[string]string {
 
 // apply hands a response to OnUpdate and, if accepted, to the cache, and
 // returns the ACK or NACK to send.
-func (c *Client) apply(resp *discoveryv3.DeltaDiscoveryResponse) *discoveryv3.DeltaDiscoveryRequest {
+func (c *Client) apply(resp *xds.DeltaDiscoveryResponse) *xds.DeltaDiscoveryRequest {
 	typeURL := resp.GetTypeUrl()
-	ack := &discoveryv3.DeltaDiscoveryRequest{TypeUrl: typeURL, ResponseNonce: resp.GetNonce()}
+	ack := &xds.DeltaDiscoveryRequest{TypeUrl: typeURL, ResponseNonce: resp.GetNonce()}
 	err := c.check(resp)
 	if err == nil && c.cfg.OnUpdate != nil && len(resp.GetResources())+len(resp.GetRemovedResources()) > 0 {
 		err = c.cfg.OnUpdate(typeURL, resp.GetResources(), resp.GetRemovedResources())
 	}
 	if err != nil {
 		c.log.Warn("rejecting xds response", "type", typeURL, "nonce", resp.GetNonce(), "error", err)
-		ack.ErrorDetail = &statuspb.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}
+		ack.ErrorDetail = &xds.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}
 		return ack
 	}
 
@@ -262,7 +262,7 @@ func (c *Client) apply(resp *discoveryv3.DeltaDiscoveryResponse) *discoveryv3.De
 }
 
 // check rejects responses the cache cannot hold.
-func (c *Client) check(resp *discoveryv3.DeltaDiscoveryResponse) error {
+func (c *Client) check(resp *xds.DeltaDiscoveryResponse) error {
 	if _, ok := c.cache[resp.GetTypeUrl()]; !ok { // cache's keys never change
 		return fmt.Errorf("response for unsubscribed type %q", resp.GetTypeUrl())
 	}

@@ -17,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -26,6 +25,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/ambient-mesh/ambient/api/xds"
 )
 
 const (
@@ -36,7 +37,9 @@ const (
 )
 
 // fakeADS is a scripted control plane: each stream is handed to the test,
-// which drives it and ends it by sending on end.
+// which drives it and ends it by sending on end. It is go-control-plane's
+// generated server, as istiod-lite's is, so every test here also checks that
+// the client's api/xds messages are what such a server expects.
 type fakeADS struct {
 	discoveryv3.UnimplementedAggregatedDiscoveryServiceServer
 	streams chan *fakeStream
@@ -165,7 +168,7 @@ func TestClientSubscribesACKsAndSyncs(t *testing.T) {
 		Address:  addr,
 		TLS:      clientTLS,
 		Token:    func() (string, error) { return "secret", nil },
-		Node:     &corev3.Node{Id: "ztunnel~node-1"},
+		Node:     &xds.Node{Id: "ztunnel~node-1"},
 		TypeURLs: []string{typeA, typeB},
 	})
 	run(t, c)
@@ -217,7 +220,7 @@ func TestClientNACKsWhatOnUpdateRejects(t *testing.T) {
 		Address:  addr,
 		TLS:      clientTLS,
 		TypeURLs: []string{typeA},
-		OnUpdate: func(typeURL string, upserts []*discoveryv3.Resource, removals []string) error {
+		OnUpdate: func(typeURL string, upserts []*xds.Resource, removals []string) error {
 			for _, r := range upserts {
 				seen = append(seen, r.GetName())
 				if r.GetName() == "bad" {

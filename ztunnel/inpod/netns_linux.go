@@ -16,7 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	bpfredirect "github.com/ambient-mesh/ambient/bpf/redirect"
+	"github.com/ambient-mesh/ambient/bpf/redirect/sockmap"
 )
 
 // soOriginalDst is SO_ORIGINAL_DST (level SOL_IP, linux/netfilter_ipv4.h)
@@ -99,9 +99,9 @@ var listenerSpecs = []struct {
 	// Transparent: an outbound connection is accepted with the non-local
 	// original destination as its local address, and the kernel sends an
 	// IPv4 SYN-ACK from such an address only for transparent sockets.
-	{kindOutbound, bpfredirect.PortOutbound, true},
-	{kindInbound, bpfredirect.PortInbound, false},
-	{kindHBONE, bpfredirect.PortHBONE, false},
+	{kindOutbound, sockmap.PortOutbound, true},
+	{kindInbound, sockmap.PortInbound, false},
+	{kindHBONE, sockmap.PortHBONE, false},
 }
 
 // openListeners opens ztunnel's listeners inside the network namespace ns,
@@ -157,7 +157,7 @@ func listenerOptions(transparent bool) func(network, address string, c syscall.R
 	return func(network, address string, c syscall.RawConn) error {
 		var serr error
 		err := c.Control(func(fd uintptr) {
-			if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, bpfredirect.Mark); serr != nil {
+			if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, sockmap.Mark); serr != nil {
 				serr = fmt.Errorf("setting SO_MARK: %w", serr)
 				return
 			}
@@ -187,9 +187,9 @@ func listenerOptions(transparent bool) func(network, address string, c syscall.R
 // pinned SOCKMAP. It reports false, and no error, when the eBPF engine has
 // no pins for the pod (the nftables engine is in use).
 func registerSockets(uid string, outbound, inbound *net.TCPListener) (bool, error) {
-	err := bpfredirect.RegisterSockets(uid, outbound, inbound, nil)
+	err := sockmap.Register(uid, outbound, inbound, nil)
 	switch {
-	case errors.Is(err, bpfredirect.ErrNotAttached):
+	case errors.Is(err, sockmap.ErrNotAttached):
 		return false, nil
 	case err != nil:
 		return false, fmt.Errorf("registering sockets with the eBPF engine: %w", err)
@@ -302,7 +302,7 @@ func dialInNetns(ctx context.Context, ns *os.File, network, addr string, src net
 		if err != nil {
 			return os.NewSyscallError("socket", err)
 		}
-		if err := unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_MARK, bpfredirect.Mark); err != nil {
+		if err := unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_MARK, sockmap.Mark); err != nil {
 			unix.Close(s)
 			return os.NewSyscallError("setsockopt SO_MARK", err)
 		}

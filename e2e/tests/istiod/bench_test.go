@@ -16,8 +16,6 @@ import (
 	"testing"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc/metadata"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -25,6 +23,7 @@ import (
 	caapi "github.com/ambient-mesh/ambient/api/ca"
 	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/api/workloadapi"
+	xdsapi "github.com/ambient-mesh/ambient/api/xds"
 	"github.com/ambient-mesh/ambient/e2e/internal/kubetest"
 	"github.com/ambient-mesh/ambient/pkg/xdsclient"
 )
@@ -114,9 +113,9 @@ func BenchmarkPodToAllClients(b *testing.B) {
 			Address:  addr,
 			TLS:      &tls.Config{RootCAs: roots, ServerName: istiodServerName, MinVersion: tls.VersionTLS12},
 			Token:    func() (string, error) { return tok, nil },
-			Node:     &corev3.Node{Id: fmt.Sprintf("bench~%d", i)},
+			Node:     &xdsapi.Node{Id: fmt.Sprintf("bench~%d", i)},
 			TypeURLs: []string{workloadapi.AddressTypeURL, security.AuthorizationTypeURL},
-			OnUpdate: func(typeURL string, upserts []*discoveryv3.Resource, _ []string) error {
+			OnUpdate: func(typeURL string, upserts []*xdsapi.Resource, _ []string) error {
 				for _, r := range upserts {
 					arr.record(r.GetName())
 				}

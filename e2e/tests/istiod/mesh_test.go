@@ -12,14 +12,13 @@ import (
 	"testing"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/api/workloadapi"
+	xdsapi "github.com/ambient-mesh/ambient/api/xds"
 	"github.com/ambient-mesh/ambient/e2e/internal/kubetest"
 	"github.com/ambient-mesh/ambient/pkg/xdsclient"
 )
@@ -127,9 +126,9 @@ func watch(t testing.TB, env *kubetest.Env, addr, tok, nodeID string) *watcher {
 		Dial:     dialIstiod(env),
 		TLS:      &tls.Config{RootCAs: meshRoots(t, env), ServerName: istiodServerName, MinVersion: tls.VersionTLS12},
 		Token:    func() (string, error) { return tok, nil },
-		Node:     &corev3.Node{Id: nodeID},
+		Node:     &xdsapi.Node{Id: nodeID},
 		TypeURLs: []string{workloadapi.AddressTypeURL, security.AuthorizationTypeURL},
-		OnUpdate: func(typeURL string, upserts []*discoveryv3.Resource, removals []string) error {
+		OnUpdate: func(typeURL string, upserts []*xdsapi.Resource, removals []string) error {
 			w.mu.Lock()
 			defer w.mu.Unlock()
 			w.upserts += len(upserts)

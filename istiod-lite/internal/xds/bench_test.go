@@ -7,9 +7,7 @@ import (
 	"testing"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-
+	xdsapi "github.com/ambient-mesh/ambient/api/xds"
 	"github.com/ambient-mesh/ambient/pkg/xdsclient"
 )
 
@@ -34,9 +32,9 @@ func BenchmarkUpdateOneOf2000To10Clients(b *testing.B) {
 			Address:  ts.addr,
 			TLS:      clientTLS,
 			Token:    func() (string, error) { return testToken, nil },
-			Node:     &corev3.Node{Id: fmt.Sprintf("node-%d", i)},
+			Node:     &xdsapi.Node{Id: fmt.Sprintf("node-%d", i)},
 			TypeURLs: testTypes,
-			OnUpdate: func(_ string, upserts []*discoveryv3.Resource, _ []string) error {
+			OnUpdate: func(_ string, upserts []*xdsapi.Resource, _ []string) error {
 				if len(upserts) == 1 {
 					received <- struct{}{}
 				}

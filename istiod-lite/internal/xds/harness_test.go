@@ -16,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
@@ -27,6 +26,7 @@ import (
 
 	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/api/workloadapi"
+	xdsapi "github.com/ambient-mesh/ambient/api/xds"
 	"github.com/ambient-mesh/ambient/istiod-lite/internal/authn"
 	"github.com/ambient-mesh/ambient/pkg/xdsclient"
 )
@@ -249,9 +249,9 @@ func startClient(t testing.TB, addr string, clientTLS *tls.Config, nodeID string
 		Address:  addr,
 		TLS:      clientTLS,
 		Token:    func() (string, error) { return testToken, nil },
-		Node:     &corev3.Node{Id: nodeID, Metadata: md},
+		Node:     &xdsapi.Node{Id: nodeID, Metadata: md},
 		TypeURLs: testTypes,
-		OnUpdate: func(typeURL string, upserts []*discoveryv3.Resource, removals []string) error {
+		OnUpdate: func(typeURL string, upserts []*xdsapi.Resource, removals []string) error {
 			u := update{typeURL: typeURL, upserts: make(map[string]string), removals: removals}
 			for _, r := range upserts {
 				u.upserts[r.GetName()] = r.GetVersion()

@@ -16,8 +16,6 @@ import (
 	"sync"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -25,6 +23,7 @@ import (
 
 	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/api/workloadapi"
+	"github.com/ambient-mesh/ambient/api/xds"
 	"github.com/ambient-mesh/ambient/pkg/xdsclient"
 	"github.com/ambient-mesh/ambient/ztunnel/inpod"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/identity"
@@ -151,7 +150,7 @@ func Run(ctx context.Context, o Options) error {
 		Token:    token,
 		Node:     xdsNode(o),
 		TypeURLs: []string{workloadapi.AddressTypeURL, security.AuthorizationTypeURL},
-		OnUpdate: func(typeURL string, up []*discoveryv3.Resource, rm []string) error {
+		OnUpdate: func(typeURL string, up []*xds.Resource, rm []string) error {
 			return store.Apply(typeURL, state.Updates(up), rm)
 		},
 	})
@@ -255,11 +254,11 @@ func Run(ctx context.Context, o Options) error {
 }
 
 // xdsNode is how ztunnel introduces itself to istiod-lite.
-func xdsNode(o Options) *corev3.Node {
+func xdsNode(o Options) *xds.Node {
 	md, _ := structpb.NewStruct(map[string]any{
 		"NODE_NAME": o.NodeName, "NAMESPACE": o.PodNamespace, "NAME": o.PodName, "CLUSTER_ID": o.ClusterID,
 	})
-	return &corev3.Node{Id: "ztunnel~" + o.PodName + "." + o.PodNamespace + "~" + o.NodeName, Metadata: md}
+	return &xds.Node{Id: "ztunnel~" + o.PodName + "." + o.PodNamespace + "~" + o.NodeName, Metadata: md}
 }
 
 // loadRoots reads the mesh root certificates from a PEM file.

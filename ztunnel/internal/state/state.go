@@ -182,7 +182,7 @@ type Update struct {
 }
 
 // xdsResource is what an xDS client hands over for each resource
-// (envoy's discovery.v3.Resource).
+// (api/xds's Resource, envoy's discovery.v3.Resource on the wire).
 type xdsResource interface {
 	GetName() string
 	GetResource() *anypb.Any
@@ -191,7 +191,7 @@ type xdsResource interface {
 // Updates adapts the resources of an xDS response, as pkg/xdsclient's
 // OnUpdate receives them, to Apply:
 //
-//	OnUpdate: func(typeURL string, up []*discoveryv3.Resource, rm []string) error {
+//	OnUpdate: func(typeURL string, up []*xds.Resource, rm []string) error {
 //		return store.Apply(typeURL, state.Updates(up), rm)
 //	}
 func Updates[R xdsResource](rs []R) []Update {
