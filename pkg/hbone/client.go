@@ -5,19 +5,13 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"net/netip"
-	"net/url"
-	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"golang.org/x/net/http2"
 )
 
 // Key identifies a pooled connection: streams for the same source identity,
@@ -52,7 +46,6 @@ type PoolOptions struct {
 // Pool originates HBONE streams over pooled HTTP/2 connections.
 type Pool struct {
 	opts PoolOptions
-	t    *http2.Transport
 
 	mu     sync.Mutex
 	conns  map[Key][]*poolConn // guarded by mu
@@ -65,15 +58,14 @@ type poolConn struct {
 	ready chan struct{} // closed once cc or err is set
 
 	// Set before ready is closed, read-only after.
-	cc  *http2.ClientConn
-	tc  *tls.Conn
+	cc  *clientConn
 	err error
 
 	// Guarded by Pool.mu.
 	streams int         // reserved or open streams
 	full    int         // when > 0, the peer refused a stream at this count
 	dead    bool        // removed from the pool
-	idle    *time.Timer // armed while streams == 0
+	idle    *time.Timer // armed while streams == 0 (expire checks again)
 }
 
 // NewPool returns an empty Pool.
@@ -99,40 +91,18 @@ func NewPool(opts PoolOptions) *Pool {
 	}
 	return &Pool{
 		opts:  opts,
-		t:     newTransport(opts.PingInterval, opts.PingTimeout),
 		conns: make(map[Key][]*poolConn),
 	}
 }
 
 // Receive windows of the Pool's connections, as the Server's defaults:
-// x/net's own (4 MiB per stream, 1 GiB per connection) would let a peer
-// park that much in memory behind an application that does not read.
+// x/net's client defaults (4 MiB per stream, 1 GiB per connection) would
+// let a peer park that much in memory behind an application that does
+// not read.
 const (
 	clientStreamWindow = 1 << 20
 	clientConnWindow   = 16 << 20
 )
-
-// newTransport returns the HTTP/2 transport that frames a Pool's
-// connections; pooling and idle expiry are the Pool's.
-func newTransport(pingInterval, pingTimeout time.Duration) *http2.Transport {
-	// The receive windows are only settable through net/http's HTTP2Config.
-	t1 := &http.Transport{HTTP2: &http.HTTP2Config{
-		MaxReceiveBufferPerStream:     clientStreamWindow,
-		MaxReceiveBufferPerConnection: clientConnWindow,
-	}}
-	t, err := http2.ConfigureTransports(t1)
-	if err != nil {
-		panic(fmt.Sprintf("hbone: configuring http2 transport: %v", err)) // only fails when t1 already has h2
-	}
-	t.DisableCompression = true
-	t.StrictMaxConcurrentStreams = true
-	// Responses arrive in frames of up to maxReadFrame: one upstream read
-	// of a Server each, rather than x/net's default 16 KiB.
-	t.MaxReadFrameSize = maxReadFrame
-	t.ReadIdleTimeout = pingInterval
-	t.PingTimeout = pingTimeout
-	return t
-}
 
 // ErrPoolClosed is returned by Connect after Close.
 var ErrPoolClosed = errors.New("hbone: pool closed")
@@ -173,21 +143,26 @@ func (p *Pool) Connect(ctx context.Context, key Key, clientTLS *tls.Config, auth
 			lastErr = pc.err // another caller's dial failed (maybe its ctx); try our own
 			continue
 		}
-		if !pc.cc.ReserveNewRequest() {
-			p.markUnusable(pc)
-			p.release(pc)
-			lastErr = fmt.Errorf("hbone connection to %s cannot take new streams", key.Addr)
-			continue
-		}
-		c, retry, err := p.openStream(ctx, pc, authority, hdr)
+		c, err := pc.cc.openStream(ctx, authority, hdr)
 		if err == nil {
+			c.pool, c.pc = p, pc
 			return c, nil
 		}
-		p.release(pc)
-		if !retry {
-			return nil, err
+		var se *StatusError
+		switch {
+		case errors.As(err, &se):
+		case ctx.Err() != nil:
+			err = ctx.Err()
+		case retryable(err):
+			// Counted with this stream's slot: the connection takes no
+			// more than it carries now.
+			p.markUnusable(pc)
+			p.release(pc)
+			lastErr = fmt.Errorf("hbone connect %s via %s: %w", authority, key.Addr, err)
+			continue
 		}
-		lastErr = err
+		p.release(pc)
+		return nil, fmt.Errorf("hbone connect %s via %s: %w", authority, key.Addr, err)
 	}
 	return nil, lastErr
 }
@@ -210,17 +185,25 @@ func (p *Pool) reserve(key Key) (pc *poolConn, dialer bool, err error) {
 		if c.dead || c.streams >= p.opts.MaxStreamsPerConn || (c.full > 0 && c.streams >= c.full) {
 			continue
 		}
-		if isReady(c) && (c.err != nil || !c.cc.CanTakeNewRequest()) {
-			if c.streams == 0 {
-				gone = append(gone, c) // failed, closed or going away, and unused
+		if isReady(c) {
+			ok, limit := false, 0
+			if c.err == nil {
+				ok, limit = c.cc.available()
 			}
-			continue
+			if !ok {
+				if c.streams == 0 {
+					gone = append(gone, c) // failed, closed or going away, and unused
+				}
+				continue
+			}
+			if c.streams >= limit {
+				continue // the server's SETTINGS_MAX_CONCURRENT_STREAMS
+			}
 		}
 		c.streams++
 		c.full = 0
 		if c.idle != nil {
 			c.idle.Stop()
-			c.idle = nil
 		}
 		return c, false, nil
 	}
@@ -268,13 +251,13 @@ func (p *Pool) dial(ctx context.Context, pc *poolConn, clientTLS *tls.Config) {
 		pc.err = fmt.Errorf("hbone %s: %w", addr, err)
 		return
 	}
-	cc, err := p.t.NewClientConn(bt)
+	cc, err := newClientConn(raw, bt, p.opts.PingInterval, p.opts.PingTimeout, func() { p.connChanged(pc) })
 	if err != nil {
 		tc.Close()
 		pc.err = fmt.Errorf("starting http2 with hbone %s: %w", addr, err)
 		return
 	}
-	pc.tc, pc.cc = tc, cc
+	pc.cc = cc
 }
 
 // checkServer verifies the negotiated protocol and the server's identity.
@@ -295,74 +278,6 @@ func checkServer(st tls.ConnectionState, want spiffeid.ID) error {
 	return nil
 }
 
-// openStream sends the CONNECT on pc, whose reservation it consumes.
-// retry reports whether another connection may succeed.
-func (p *Pool) openStream(ctx context.Context, pc *poolConn, authority string, hdr Headers) (c net.Conn, retry bool, err error) {
-	h := make(http.Header, 4)
-	if hdr.ForwardedFor.IsValid() {
-		h.Set(headerForwarded, formatForwarded(hdr.ForwardedFor))
-	}
-	if hdr.Baggage != "" {
-		h.Set(headerBaggage, hdr.Baggage)
-	}
-	if hdr.Traceparent != "" {
-		h.Set(headerTraceparent, hdr.Traceparent)
-	}
-	h["User-Agent"] = nil // no Go default user agent on the wire
-
-	// The stream outlives ctx, which bounds only the setup: the request's
-	// own context ends when the stream is closed.
-	sctx, cancel := context.WithCancel(context.Background())
-	stop := context.AfterFunc(ctx, cancel)
-	pw := newBodyPipe()
-	req := (&http.Request{
-		Method:        http.MethodConnect,
-		URL:           &url.URL{Host: authority},
-		Host:          authority,
-		Header:        h,
-		Body:          pw,
-		ContentLength: -1,
-		Proto:         "HTTP/2.0",
-		ProtoMajor:    2,
-	}).WithContext(sctx)
-	resp, err := pc.cc.RoundTrip(req)
-	if !stop() {
-		// ctx ended during setup; the request may have been aborted by it.
-		if err == nil {
-			resp.Body.Close()
-			err = ctx.Err()
-		}
-	}
-	if err != nil {
-		cancel()
-		pw.CloseWithError(err)
-		if ctx.Err() != nil {
-			return nil, false, fmt.Errorf("hbone connect %s via %s: %w", authority, pc.key.Addr, ctx.Err())
-		}
-		var ga http2.GoAwayError
-		retry = errors.As(err, &ga) || !pc.cc.CanTakeNewRequest()
-		if retry {
-			p.markUnusable(pc)
-		}
-		return nil, retry, fmt.Errorf("hbone connect %s via %s: %w", authority, pc.key.Addr, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
-		cancel()
-		pw.CloseWithError(nil)
-		return nil, false, fmt.Errorf("hbone connect %s via %s: %w", authority, pc.key.Addr, &StatusError{Code: resp.StatusCode})
-	}
-	return &streamConn{
-		pool:   p,
-		pc:     pc,
-		pw:     pw,
-		body:   resp.Body,
-		cancel: cancel,
-		local:  pc.tc.LocalAddr(),
-		remote: pc.tc.RemoteAddr(),
-	}, false, nil
-}
-
 // release gives back pc's stream slot; an unused connection is closed
 // after IdleTimeout, a failed one right away.
 func (p *Pool) release(pc *poolConn) {
@@ -379,7 +294,11 @@ func (p *Pool) release(pc *poolConn) {
 	if pc.dead || !isReady(pc) {
 		return
 	}
-	pc.idle = time.AfterFunc(p.opts.IdleTimeout, func() { p.expire(pc) })
+	if pc.idle == nil {
+		pc.idle = time.AfterFunc(p.opts.IdleTimeout, func() { p.expire(pc) })
+	} else {
+		pc.idle.Reset(p.opts.IdleTimeout)
+	}
 }
 
 // expire closes pc if it is still unused.
@@ -397,11 +316,21 @@ func (p *Pool) expire(pc *poolConn) {
 func (p *Pool) markUnusable(pc *poolConn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if pc.cc != nil && !pc.cc.State().Closed && !pc.cc.State().Closing {
+	if pc.cc != nil && pc.cc.usable() {
 		pc.full = pc.streams // peer's stream limit, not a dead connection
 		return
 	}
 	p.removeLocked(pc)
+}
+
+// connChanged learns that pc's connection closed or is going away: it
+// leaves the pool, its open streams continue.
+func (p *Pool) connChanged(pc *poolConn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !pc.dead {
+		p.removeLocked(pc)
+	}
 }
 
 // removeLocked drops pc from the pool and closes it once unused.
@@ -423,10 +352,9 @@ func (p *Pool) removeLocked(pc *poolConn) {
 	}
 	if pc.idle != nil {
 		pc.idle.Stop()
-		pc.idle = nil
 	}
 	if pc.streams == 0 && pc.cc != nil {
-		go pc.cc.Close()
+		go pc.cc.shutdown(errConnClosed)
 	}
 }
 
@@ -443,12 +371,16 @@ func (p *Pool) Close() error {
 		p.removeLocked(pc)
 	}
 	p.mu.Unlock()
+	var wg sync.WaitGroup
 	for _, pc := range all {
-		<-pc.ready // a dial in progress fails or finishes; close it either way
-		if pc.cc != nil {
-			pc.cc.Close()
-		}
+		wg.Go(func() {
+			<-pc.ready // a dial in progress fails or finishes; close it either way
+			if pc.cc != nil {
+				pc.cc.shutdown(fmt.Errorf("%w: %w", errConnClosed, ErrPoolClosed))
+			}
+		})
 	}
+	wg.Wait()
 	return nil
 }
 
@@ -457,120 +389,4 @@ func (p *Pool) numConns(key Key) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return len(p.conns[key])
-}
-
-// streamConn is one CONNECT stream as a net.Conn: writes are the request
-// body, reads the response body.
-type streamConn struct {
-	pool   *Pool
-	pc     *poolConn
-	pw     *bodyPipe // the request body: what the stream sends
-	body   io.ReadCloser
-	cancel context.CancelFunc
-
-	local, remote net.Addr
-
-	closeOnce sync.Once
-	abortErr  atomic.Pointer[error] // why the stream was aborted locally
-	dlMu      sync.Mutex            // guards rTimer, wTimer
-	rTimer    *time.Timer           // read deadline
-	wTimer    *time.Timer           // write deadline
-}
-
-func (c *streamConn) Read(b []byte) (int, error) {
-	n, err := c.body.Read(b)
-	if err != nil && err != io.EOF {
-		err = c.localErr(err)
-	}
-	return n, err
-}
-
-func (c *streamConn) Write(b []byte) (int, error) {
-	n, err := c.pw.Write(b)
-	if err != nil {
-		err = c.localErr(err)
-		if errors.Is(err, io.ErrClosedPipe) {
-			err = net.ErrClosed // written after CloseWrite
-		}
-	}
-	return n, err
-}
-
-// localErr prefers the reason the stream was aborted locally (Close,
-// deadline) over the transport's description of its consequence.
-func (c *streamConn) localErr(err error) error {
-	if ae := c.abortErr.Load(); ae != nil {
-		return *ae
-	}
-	return err
-}
-
-// CloseWrite ends the request body (END_STREAM): the server half-closes
-// its upstream. Reads continue until the server ends the response.
-func (c *streamConn) CloseWrite() error {
-	c.pw.CloseWithError(nil)
-	return nil
-}
-
-// Close resets the stream if it is still open and releases its slot in
-// the pool. It is safe to call twice.
-func (c *streamConn) Close() error {
-	c.closeOnce.Do(func() {
-		c.abort(net.ErrClosed)
-		c.dlMu.Lock()
-		stopTimer(c.rTimer)
-		stopTimer(c.wTimer)
-		c.dlMu.Unlock()
-		c.pool.release(c.pc)
-	})
-	return nil
-}
-
-func (c *streamConn) abort(err error) {
-	c.abortErr.CompareAndSwap(nil, &err)
-	c.pw.CloseWithError(err)
-	c.body.Close()
-	c.cancel()
-}
-
-func (c *streamConn) LocalAddr() net.Addr  { return c.local }
-func (c *streamConn) RemoteAddr() net.Addr { return c.remote }
-
-// SetDeadline sets both deadlines; see SetReadDeadline.
-func (c *streamConn) SetDeadline(t time.Time) error {
-	c.SetReadDeadline(t)
-	return c.SetWriteDeadline(t)
-}
-
-// SetReadDeadline arms a deadline that aborts the stream when it passes:
-// an HTTP/2 body read cannot be interrupted and resumed, so unlike a TCP
-// socket the stream is unusable afterwards (reads and writes fail with
-// os.ErrDeadlineExceeded). A zero t disarms it.
-func (c *streamConn) SetReadDeadline(t time.Time) error {
-	c.dlMu.Lock()
-	defer c.dlMu.Unlock()
-	c.rTimer = c.armLocked(c.rTimer, t)
-	return nil
-}
-
-// SetWriteDeadline behaves like SetReadDeadline.
-func (c *streamConn) SetWriteDeadline(t time.Time) error {
-	c.dlMu.Lock()
-	defer c.dlMu.Unlock()
-	c.wTimer = c.armLocked(c.wTimer, t)
-	return nil
-}
-
-func (c *streamConn) armLocked(old *time.Timer, t time.Time) *time.Timer {
-	stopTimer(old)
-	if t.IsZero() {
-		return nil
-	}
-	return time.AfterFunc(time.Until(t), func() { c.abort(os.ErrDeadlineExceeded) })
-}
-
-func stopTimer(t *time.Timer) {
-	if t != nil {
-		t.Stop()
-	}
 }

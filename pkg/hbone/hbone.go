@@ -29,11 +29,20 @@ const Port = 15008
 // alpnH2 is the only ALPN protocol HBONE speaks.
 const alpnH2 = "h2"
 
-// Header names carried on the CONNECT request (lowercase, as on the wire).
+// Header names carried on the CONNECT request, canonical as http.Header
+// keys them.
 const (
 	headerForwarded   = "Forwarded"   // RFC 7239, for="<client ip:port>"
 	headerBaggage     = "Baggage"     // W3C baggage
 	headerTraceparent = "Traceparent" // W3C trace context
+)
+
+// The same names as on the wire: HTTP/2 field names are lowercase (RFC
+// 9113 §8.2.1).
+const (
+	wireForwarded   = "forwarded"
+	wireBaggage     = "baggage"
+	wireTraceparent = "traceparent"
 )
 
 // maxBaggageLen is the W3C baggage limit; longer values are dropped.

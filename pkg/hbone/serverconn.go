@@ -1,10 +1,7 @@
 package hbone
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -18,98 +15,21 @@ import (
 	"golang.org/x/net/http2/hpack"
 )
 
-// The server side of HBONE speaks HTTP/2 itself, on x/net's Framer and
-// hpack: every stream is a CONNECT tunnel, so it needs none of a general
-// HTTP server's machinery. x/net's Server hands every frame between three
-// goroutines (the frame reader, the serve loop and the handler) and writes
-// every flush from a goroutine of its own; here the connection's reader
-// delivers DATA straight to the stream that forwards it upstream, and a
-// stream writes its DATA frames to the connection itself.
-
-// HTTP/2 protocol facts (RFC 9113).
-const (
-	frameHeaderLen = 9
-	// initialWindow is every flow-control window until SETTINGS or
-	// WINDOW_UPDATE change it (§6.9.2).
-	initialWindow = 65535
-	maxWindow     = 1<<31 - 1
-	// defaultMaxFrame is SETTINGS_MAX_FRAME_SIZE until the peer says more.
-	defaultMaxFrame = 16 << 10
-	// defaultHeaderTable is SETTINGS_HEADER_TABLE_SIZE until the peer says.
-	defaultHeaderTable = 4096
-)
-
-// Tuning of the server side.
-const (
-	// maxReadFrame is the SETTINGS_MAX_FRAME_SIZE we announce: the largest
-	// frame payload a peer may send. It matches dataChunk, so a peer whose
-	// reads are as large as ours sends each one in a single frame; the
-	// framer's read buffer (one per connection) is this large.
-	maxReadFrame = 32 << 10
-	// dataChunk is how much a stream reads from its upstream at once; each
-	// read leaves as one DATA frame when the windows allow. 32 KiB is two
-	// TLS records, sent in one system call (recordBatcher); larger reads
-	// saved little more on loopback, and it is held by every open stream.
-	dataChunk = 32 << 10
-	// recvChunk sizes the pooled buffers that hold received DATA until the
-	// stream writes it upstream; a stream holds none while idle.
-	recvChunk = 32 << 10
-	// maxHeaderList bounds a request's header list (SETTINGS_MAX_HEADER_LIST_SIZE).
-	maxHeaderList = 64 << 10
-	// windowRefreshDivisor: a receive window is topped up once a quarter
-	// of it has been consumed, so a sender always has three quarters of it
-	// and small exchanges cost no WINDOW_UPDATE at all.
-	windowRefreshDivisor = 4
-)
-
-var (
-	dataBufPool = sync.Pool{New: func() any { b := make([]byte, frameHeaderLen+dataChunk); return &b }}
-	recvBufPool = sync.Pool{New: func() any { b := make([]byte, 0, recvChunk); return &b }}
-)
-
-// Why a stream ended early, as its goroutines see it.
-var (
-	errStreamReset = errors.New("hbone: stream reset by peer")
-	errConnClosed  = errors.New("hbone: connection closed")
-	errStreamLocal = errors.New("hbone: stream reset")
-)
-
-// transport is what a serverConn speaks HTTP/2 over: TLS (batchedTLS),
-// or a plain connection in tests.
-type transport interface {
-	io.ReadWriter
-	SetReadDeadline(t time.Time) error
-}
+// The server side of HBONE: every stream is a CONNECT tunnel, handed to
+// the Server's Handler and copied to and from its upstream. See h2conn.go
+// for what it shares with the client side.
 
 // serverConn is one HBONE connection on the server side.
 type serverConn struct {
-	s    *Server
-	raw  net.Conn  // the accepted connection; closing it ends everything
-	tc   transport // TLS over raw
-	info connInfo
-	log  func(msg string, args ...any)
+	h2conn // raw is the accepted connection, streamWindow and connWindow are ServerOptions'
+	s      *Server
+	info   connInfo
+	log    func(msg string, args ...any)
 
-	streamWindow, connWindow int32  // our receive windows (ServerOptions)
-	maxStreams               uint32 // ServerOptions.MaxConcurrentStreams
+	maxStreams uint32 // ServerOptions.MaxConcurrentStreams
 
-	// fr reads in the read loop only; its write methods need wmu.
-	fr *http2.Framer
-
-	wmu  sync.Mutex    // guards writes to the connection: fr's writes, bw, henc, hbuf, werr, stream.wclosed
-	bw   *bufio.Writer // control frames, over tc
-	henc *hpack.Encoder
-	hbuf bytes.Buffer
-	werr error // the first write error; the connection is closed then
-
-	mu          sync.Mutex
-	sendCond    sync.Cond                // uses mu; broadcast when send windows grow or streams end
 	streams     map[uint32]*serverStream // guarded by mu
 	maxStreamID uint32                   // guarded by mu; highest stream the client opened
-	sendAvail   int64                    // guarded by mu; the connection's send window
-	peerWindow  int32                    // guarded by mu; the peer's SETTINGS_INITIAL_WINDOW_SIZE
-	peerFrame   uint32                   // guarded by mu; the peer's SETTINGS_MAX_FRAME_SIZE
-	recvAvail   int64                    // guarded by mu; what the peer may still send on the connection
-	recvUnsent  int32                    // guarded by mu; consumed, not yet returned to the peer
 	goingAway   bool                     // guarded by mu; GOAWAY sent or received: no new streams
 	closed      bool                     // guarded by mu; the connection is closed
 	idle        *time.Timer              // guarded by mu; armed while there is no stream (IdleTimeout)
@@ -120,49 +40,23 @@ type serverConn struct {
 
 // serverStream is one CONNECT stream.
 type serverStream struct {
-	sc     *serverConn
-	id     uint32
-	ctx    context.Context // ends with the stream; the handler's
-	cancel context.CancelFunc
-	ready  chan struct{} // 1-buffered: received data, end or reset for toUpstream
-
-	// Guarded by sc.mu.
-	recv       []*[]byte // received DATA not yet written upstream, pooled
-	recvAvail  int32     // what the peer may still send
-	recvUnsent int32     // written upstream, not yet returned to the peer
-	recvEnd    bool      // END_STREAM received
-	sendAvail  int64     // the peer's window for this stream
-	err        error     // why the stream was reset; set once
-
-	wclosed bool // guarded by sc.wmu: END_STREAM or RST_STREAM written
+	h2stream // its consumer is toUpstream
+	sc       *serverConn
+	ctx      context.Context // ends with the stream; the handler's
+	cancel   context.CancelFunc
 }
 
 func newServerConn(s *Server, raw net.Conn, tc transport, info connInfo) *serverConn {
 	sc := &serverConn{
-		s:            s,
-		raw:          raw,
-		tc:           tc,
-		info:         info,
-		streamWindow: s.opts.StreamWindow,
-		connWindow:   s.opts.ConnWindow,
-		maxStreams:   s.opts.MaxConcurrentStreams,
-		streams:      make(map[uint32]*serverStream),
-		sendAvail:    initialWindow,
-		peerWindow:   initialWindow,
-		peerFrame:    defaultMaxFrame,
-		recvAvail:    int64(s.opts.ConnWindow),
+		s:          s,
+		info:       info,
+		maxStreams: s.opts.MaxConcurrentStreams,
+		streams:    make(map[uint32]*serverStream),
 	}
+	sc.init(raw, tc, s.opts.StreamWindow, s.opts.ConnWindow)
 	sc.log = func(msg string, args ...any) {
 		s.log.Debug(msg, append([]any{"peer", raw.RemoteAddr()}, args...)...)
 	}
-	sc.sendCond.L = &sc.mu
-	// Control frames are small; DATA frames bypass bw.
-	sc.bw = bufio.NewWriterSize(tc, 4<<10)
-	sc.fr = http2.NewFramer(sc.bw, tc)
-	sc.fr.SetMaxReadFrameSize(maxReadFrame)
-	sc.fr.MaxHeaderListSize = maxHeaderList
-	sc.fr.ReadMetaHeaders = hpack.NewDecoder(defaultHeaderTable, nil)
-	sc.henc = hpack.NewEncoder(&sc.hbuf)
 	return sc
 }
 
@@ -230,12 +124,9 @@ func (sc *serverConn) readPreface(deadline time.Time) error {
 // readLoop reads and processes frames until the connection fails.
 func (sc *serverConn) readLoop() {
 	for {
-		fh, err := sc.fr.ReadFrameHeader()
+		fh, f, err := sc.readFrame()
 		if err == nil {
-			var f http2.Frame
-			if f, err = sc.fr.ReadFrameForHeader(fh); err == nil {
-				err = sc.processFrame(f)
-			}
+			err = sc.processFrame(f)
 		}
 		if err == nil {
 			continue
@@ -258,15 +149,11 @@ func (sc *serverConn) readLoop() {
 // connError answers a connection error with GOAWAY; it reports whether
 // err was one.
 func (sc *serverConn) connError(err error) bool {
-	var ce http2.ConnectionError
-	switch {
-	case errors.Is(err, http2.ErrFrameTooLarge):
-		sc.goAway(http2.ErrCodeFrameSize)
-	case errors.As(err, &ce):
-		sc.goAway(http2.ErrCode(ce))
-	default:
+	code, ok := connErrorCode(err)
+	if !ok {
 		return false
 	}
+	sc.goAway(code)
 	sc.log("hbone: connection error", "err", err)
 	return true
 }
@@ -285,10 +172,7 @@ func (sc *serverConn) processFrame(f http2.Frame) error {
 		if f.IsAck() {
 			return nil
 		}
-		if err := sc.processSettings(f); err != nil {
-			return err
-		}
-		return nil
+		return sc.processSettings(f)
 	case *http2.PingFrame:
 		if f.IsAck() {
 			return nil
@@ -320,68 +204,24 @@ func (sc *serverConn) noteStreamID(id uint32) {
 }
 
 func (sc *serverConn) processSettings(f *http2.SettingsFrame) error {
-	var tableSize uint32
-	hasTable := false
-	sc.mu.Lock()
-	err := f.ForeachSetting(func(s http2.Setting) error {
-		if err := s.Valid(); err != nil {
-			return err
+	return sc.h2conn.processSettings(f, func(each func(*h2stream)) {
+		for _, st := range sc.streams {
+			each(&st.h2stream)
 		}
-		switch s.ID {
-		case http2.SettingInitialWindowSize:
-			delta := int64(s.Val) - int64(sc.peerWindow)
-			for _, st := range sc.streams {
-				st.sendAvail += delta
-				if st.sendAvail > maxWindow {
-					return http2.ConnectionError(http2.ErrCodeFlowControl) // §6.9.2
-				}
-			}
-			sc.peerWindow = int32(s.Val)
-		case http2.SettingMaxFrameSize:
-			sc.peerFrame = s.Val
-		case http2.SettingHeaderTableSize:
-			tableSize, hasTable = s.Val, true
-		}
-		return nil
-	})
-	sc.sendCond.Broadcast()
-	sc.mu.Unlock()
-	if err != nil {
-		return err
-	}
-	return sc.writeFrames(func(fr *http2.Framer) error {
-		if hasTable {
-			// We index nothing we send, but must follow a smaller table.
-			sc.henc.SetMaxDynamicTableSize(min(tableSize, defaultHeaderTable))
-		}
-		return fr.WriteSettingsAck()
-	})
+	}, nil)
 }
 
 func (sc *serverConn) processWindowUpdate(f *http2.WindowUpdateFrame) error {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	if f.StreamID == 0 {
-		sc.sendAvail += int64(f.Increment)
-		if sc.sendAvail > maxWindow {
-			return http2.ConnectionError(http2.ErrCodeFlowControl)
-		}
-		sc.sendCond.Broadcast()
-		return nil
-	}
 	if f.StreamID > sc.maxStreamID {
 		return http2.ConnectionError(http2.ErrCodeProtocol) // idle stream (§5.1)
 	}
-	st := sc.streams[f.StreamID]
-	if st == nil || st.err != nil {
-		return nil // closed streams may still see updates in flight
+	var st *h2stream
+	if s := sc.streams[f.StreamID]; s != nil {
+		st = &s.h2stream
 	}
-	st.sendAvail += int64(f.Increment)
-	if st.sendAvail > maxWindow {
-		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeFlowControl}
-	}
-	sc.sendCond.Broadcast()
-	return nil
+	return sc.windowUpdateLocked(f, st)
 }
 
 func (sc *serverConn) processReset(f *http2.RSTStreamFrame) error {
@@ -407,68 +247,25 @@ func (sc *serverConn) processReset(f *http2.RSTStreamFrame) error {
 }
 
 func (sc *serverConn) processData(f *http2.DataFrame) error {
-	n := int32(f.Length) // padding included: it counts against the windows
-	data := f.Data()
 	sc.mu.Lock()
 	if f.StreamID > sc.maxStreamID {
 		sc.mu.Unlock()
 		return http2.ConnectionError(http2.ErrCodeProtocol) // idle stream (§5.1)
 	}
-	if int64(n) > sc.recvAvail {
-		sc.mu.Unlock()
-		return http2.ConnectionError(http2.ErrCodeFlowControl)
+	var st *h2stream
+	if s := sc.streams[f.StreamID]; s != nil {
+		st = &s.h2stream
 	}
-	sc.recvAvail -= int64(n)
-	st := sc.streams[f.StreamID]
-	switch {
-	case st == nil || st.err != nil:
-		// Closed or reset: the data is dropped, its window given back.
-		sc.mu.Unlock()
-		sc.creditConn(n)
-		return nil
-	case st.recvEnd:
-		sc.mu.Unlock()
-		sc.creditConn(n)
-		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeStreamClosed} // §5.1
-	case n > st.recvAvail:
-		sc.mu.Unlock()
-		sc.creditConn(n)
-		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeFlowControl}
-	}
-	st.recvAvail -= n
-	st.appendLocked(data)
-	if f.StreamEnded() {
-		st.recvEnd = true
-	}
+	drop, pad, wake, err := sc.dataLocked(f, st)
 	sc.mu.Unlock()
-	st.wake()
-	if pad := n - int32(len(data)); pad > 0 {
+	sc.creditConn(drop)
+	if wake {
+		st.wake()
+	}
+	if pad > 0 {
 		sc.credit(st, pad)
 	}
-	return nil
-}
-
-// appendLocked queues data for toUpstream, in pooled chunks.
-func (st *serverStream) appendLocked(data []byte) {
-	for len(data) > 0 {
-		var b *[]byte
-		if k := len(st.recv); k > 0 && len(*st.recv[k-1]) < cap(*st.recv[k-1]) {
-			b = st.recv[k-1]
-		} else {
-			b = recvBufPool.Get().(*[]byte)
-			st.recv = append(st.recv, b)
-		}
-		k := min(cap(*b)-len(*b), len(data))
-		*b = append(*b, data[:k]...)
-		data = data[k:]
-	}
-}
-
-func (st *serverStream) wake() {
-	select {
-	case st.ready <- struct{}{}:
-	default:
-	}
+	return err
 }
 
 // processHeaders opens a stream, or ends one with trailers.
@@ -512,13 +309,15 @@ func (sc *serverConn) processHeaders(f *http2.MetaHeadersFrame) error {
 
 	ctx, cancel := context.WithCancel(sc.s.ctx)
 	st := &serverStream{
-		sc:        sc,
-		id:        id,
-		ctx:       ctx,
-		cancel:    cancel,
-		ready:     make(chan struct{}, 1),
-		recvAvail: sc.streamWindow,
-		recvEnd:   f.StreamEnded(),
+		h2stream: h2stream{
+			id:        id,
+			ready:     make(chan struct{}, 1),
+			recvAvail: sc.streamWindow,
+			recvEnd:   f.StreamEnded(),
+		},
+		sc:     sc,
+		ctx:    ctx,
+		cancel: cancel,
 	}
 	sc.mu.Lock()
 	if sc.closed {
@@ -653,8 +452,7 @@ func (st *serverStream) toUpstream(up net.Conn) error {
 	var bufs net.Buffers
 	for {
 		sc.mu.Lock()
-		chunks, end, err := st.recv, st.recvEnd, st.err
-		st.recv = nil
+		chunks, end, err := st.takeRecvLocked(), st.recvEnd, st.err
 		sc.mu.Unlock()
 		if err != nil {
 			releaseRecv(chunks)
@@ -673,20 +471,13 @@ func (st *serverStream) toUpstream(up net.Conn) error {
 			if werr != nil {
 				return werr
 			}
-			sc.credit(st, int32(n))
+			sc.credit(&st.h2stream, int32(n))
 			continue
 		}
 		if end {
 			return closeWrite(up)
 		}
 		<-st.ready
-	}
-}
-
-func releaseRecv(chunks []*[]byte) {
-	for _, b := range chunks {
-		*b = (*b)[:0]
-		recvBufPool.Put(b)
 	}
 }
 
@@ -720,13 +511,13 @@ func (st *serverStream) fromUpstream(up net.Conn) error {
 func (sc *serverConn) writeData(st *serverStream, buf []byte, n int) error {
 	off := frameHeaderLen
 	for n > 0 {
-		k, err := sc.awaitSend(st, n)
+		k, _, err := sc.awaitSend(&st.h2stream, n, 1)
 		if err != nil {
 			return err
 		}
-		frame := buf[off-frameHeaderLen : off+k]
-		putFrameHeader(frame, k, http2.FrameData, 0, st.id)
-		if err := sc.writeRaw(st, frame); err != nil {
+		b := buf[off-frameHeaderLen : off+k]
+		putFrameHeader(b, k, http2.FrameData, 0, st.id)
+		if err := sc.writeRaw(&st.h2stream, b); err != nil {
 			return err
 		}
 		off += k
@@ -735,59 +526,14 @@ func (sc *serverConn) writeData(st *serverStream, buf []byte, n int) error {
 	return nil
 }
 
-// awaitSend waits until both windows are open and takes up to n bytes of
-// them, at most a frame's worth.
-func (sc *serverConn) awaitSend(st *serverStream, n int) (int, error) {
-	sc.mu.Lock()
-	defer sc.mu.Unlock()
-	for st.err == nil && (st.sendAvail <= 0 || sc.sendAvail <= 0) {
-		sc.sendCond.Wait()
-	}
-	if st.err != nil {
-		return 0, st.err
-	}
-	k := int64(min(n, int(sc.peerFrame)))
-	k = min(k, st.sendAvail, sc.sendAvail)
-	st.sendAvail -= k
-	sc.sendAvail -= k
-	return int(k), nil
-}
-
-func putFrameHeader(b []byte, length int, t http2.FrameType, flags http2.Flags, id uint32) {
-	b[0], b[1], b[2] = byte(length>>16), byte(length>>8), byte(length)
-	b[3] = byte(t)
-	b[4] = byte(flags)
-	binary.BigEndian.PutUint32(b[5:9], id&(1<<31-1))
-}
-
-// writeRaw writes a prepared DATA frame of st.
-func (sc *serverConn) writeRaw(st *serverStream, frame []byte) error {
-	sc.wmu.Lock()
-	defer sc.wmu.Unlock()
-	if sc.werr != nil {
-		return sc.werr
-	}
-	if st.wclosed {
-		return errStreamLocal
-	}
-	err := sc.bw.Flush() // control frames queued before go first
-	if err == nil {
-		_, err = sc.tc.Write(frame)
-	}
-	return sc.writeFailedLocked(err)
-}
-
 // writeEnd half-closes the stream's sending side.
 func (sc *serverConn) writeEnd(st *serverStream) error {
-	return sc.writeStreamFrames(st, func(fr *http2.Framer) error {
-		st.wclosed = true
-		return fr.WriteData(st.id, true, nil)
-	})
+	return sc.h2conn.writeEnd(&st.h2stream)
 }
 
 // writeHeaders sends the response status.
 func (sc *serverConn) writeHeaders(st *serverStream, status int, end bool) error {
-	return sc.writeStreamFrames(st, func(fr *http2.Framer) error {
+	return sc.writeStreamFrames(&st.h2stream, func(fr *http2.Framer) error {
 		sc.hbuf.Reset()
 		sc.henc.WriteField(hpack.HeaderField{Name: ":status", Value: statusCode(status)})
 		if end {
@@ -809,100 +555,6 @@ func statusCode(code int) string {
 	return strconv.Itoa(code)
 }
 
-// writeStreamFrames is writeFrames for a stream that may have ended.
-func (sc *serverConn) writeStreamFrames(st *serverStream, write func(fr *http2.Framer) error) error {
-	return sc.writeFrames(func(fr *http2.Framer) error {
-		if st.wclosed {
-			return errStreamLocal
-		}
-		return write(fr)
-	})
-}
-
-// writeFrames runs write with the framer and flushes.
-func (sc *serverConn) writeFrames(write func(fr *http2.Framer) error) error {
-	sc.wmu.Lock()
-	defer sc.wmu.Unlock()
-	if sc.werr != nil {
-		return sc.werr
-	}
-	err := write(sc.fr)
-	if errors.Is(err, errStreamLocal) {
-		return err
-	}
-	if err == nil {
-		err = sc.bw.Flush()
-	}
-	return sc.writeFailedLocked(err)
-}
-
-// writeFailedLocked closes the connection on a write error: a frame may
-// have been cut short.
-func (sc *serverConn) writeFailedLocked(err error) error {
-	if err != nil && sc.werr == nil {
-		sc.werr = err
-		sc.raw.Close()
-	}
-	return err
-}
-
-// credit returns n consumed bytes of st to the peer's windows, with
-// WINDOW_UPDATE once enough have gathered.
-func (sc *serverConn) credit(st *serverStream, n int32) {
-	sc.mu.Lock()
-	connInc := sc.takeConnCreditLocked(n)
-	var streamInc int32
-	if st.err == nil && !st.recvEnd {
-		st.recvUnsent += n
-		if st.recvUnsent >= sc.streamWindow/windowRefreshDivisor {
-			streamInc = st.recvUnsent
-			st.recvAvail += streamInc
-			st.recvUnsent = 0
-		}
-	}
-	sc.mu.Unlock()
-	sc.writeWindowUpdates(connInc, st.id, streamInc)
-}
-
-// creditConn returns n bytes to the connection's window only.
-func (sc *serverConn) creditConn(n int32) {
-	if n == 0 {
-		return
-	}
-	sc.mu.Lock()
-	connInc := sc.takeConnCreditLocked(n)
-	sc.mu.Unlock()
-	sc.writeWindowUpdates(connInc, 0, 0)
-}
-
-func (sc *serverConn) takeConnCreditLocked(n int32) int32 {
-	sc.recvUnsent += n
-	if sc.recvUnsent < sc.connWindow/windowRefreshDivisor {
-		return 0
-	}
-	inc := sc.recvUnsent
-	sc.recvAvail += int64(inc)
-	sc.recvUnsent = 0
-	return inc
-}
-
-func (sc *serverConn) writeWindowUpdates(connInc int32, id uint32, streamInc int32) {
-	if connInc == 0 && streamInc == 0 {
-		return
-	}
-	sc.writeFrames(func(fr *http2.Framer) error {
-		if connInc > 0 {
-			if err := fr.WriteWindowUpdate(0, uint32(connInc)); err != nil {
-				return err
-			}
-		}
-		if streamInc > 0 {
-			return fr.WriteWindowUpdate(id, uint32(streamInc))
-		}
-		return nil
-	})
-}
-
 // resetStream sends RST_STREAM with code for id and ends the stream if it
 // is open.
 func (sc *serverConn) resetStream(id uint32, code http2.ErrCode, why error) {
@@ -914,12 +566,11 @@ func (sc *serverConn) resetStream(id uint32, code http2.ErrCode, why error) {
 	}
 	sc.mu.Unlock()
 	sc.creditConn(credit)
-	sc.writeFrames(func(fr *http2.Framer) error {
-		if st != nil {
-			st.wclosed = true
-		}
-		return fr.WriteRSTStream(id, code)
-	})
+	var hs *h2stream
+	if st != nil {
+		hs = &st.h2stream
+	}
+	sc.writeReset(id, hs, code)
 }
 
 // abortLocked ends st with err: its goroutines stop and its upstream is
@@ -929,12 +580,7 @@ func (sc *serverConn) abortLocked(st *serverStream, err error) int32 {
 		return 0
 	}
 	st.err = err
-	var dropped int32
-	for _, b := range st.recv {
-		dropped += int32(len(*b))
-	}
-	releaseRecv(st.recv)
-	st.recv = nil
+	dropped := st.dropRecvLocked()
 	st.cancel()
 	st.wake()
 	sc.sendCond.Broadcast()
