@@ -2,15 +2,9 @@ package proxy
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"io"
 	"log/slog"
-	"math/big"
 	"net"
 	"net/netip"
 	"runtime"
@@ -70,7 +64,7 @@ type benchMesh struct {
 
 func newBenchMesh(tb testing.TB) *benchMesh {
 	tb.Helper()
-	ca := newBenchCA(tb)
+	ca := newTestCA(tb)
 	certs := identity.NewManager(ca, identity.Options{Roots: []*x509.Certificate{ca.root}})
 	tb.Cleanup(certs.Close)
 	reg := prometheus.NewRegistry()
@@ -98,7 +92,7 @@ func newBenchMesh(tb testing.TB) *benchMesh {
 	server := &Pod{UID: "uid-echo", Name: "echo", Namespace: "a", ServiceAccount: "echo", Dial: dialer()}
 
 	buf := make([]byte, 32<<10)
-	m.echo = listenTB(tb, "127.0.0.2:0", func(c net.Conn) {
+	m.echo = serve(tb, "127.0.0.2:0", func(c net.Conn) {
 		buf := make([]byte, 32<<10)
 		for {
 			n, err := c.Read(buf)
@@ -112,18 +106,18 @@ func newBenchMesh(tb testing.TB) *benchMesh {
 			}
 		}
 	})
-	m.sink = listenTB(tb, "127.0.0.2:0", func(c net.Conn) {
+	m.sink = serve(tb, "127.0.0.2:0", func(c net.Conn) {
 		n, _ := io.CopyBuffer(struct{ io.Writer }{io.Discard}, struct{ io.Reader }{c}, make([]byte, 32<<10))
 		m.sunk <- n
 	})
-	m.source = listenTB(tb, "127.0.0.2:0", func(c net.Conn) {
+	m.source = serve(tb, "127.0.0.2:0", func(c net.Conn) {
 		for {
 			if _, err := c.Write(buf); err != nil {
 				return
 			}
 		}
 	})
-	hboneAddr = listenTB(tb, "127.0.0.2:0", func(c net.Conn) { m.proxy.HBONE(server, c) })
+	hboneAddr = serve(tb, "127.0.0.2:0", func(c net.Conn) { m.proxy.HBONE(server, c) })
 	err = store.Apply(workloadapi.AddressTypeURL, []state.Update{
 		workload("a", "client", "client", "127.0.0.1"),
 		workload("a", "echo", "echo", "127.0.0.2", inService(echoKey, 80, uint32(m.echo.Port()))),
@@ -138,7 +132,7 @@ func newBenchMesh(tb testing.TB) *benchMesh {
 		m.sink:   m.sink,
 		m.source: m.source,
 	} {
-		m.viaMesh[app] = listenTB(tb, "127.0.0.1:0", func(c net.Conn) { m.proxy.Outbound(client, c, origDst) })
+		m.viaMesh[app] = serve(tb, "127.0.0.1:0", func(c net.Conn) { m.proxy.Outbound(client, c, origDst) })
 	}
 	return m
 }
@@ -425,55 +419,4 @@ func heldMemory() (int64, int) {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	return int64(ms.HeapInuse + ms.StackInuse), runtime.NumGoroutine()
-}
-
-// listenTB accepts connections on a fresh listener at addr and hands each
-// to handle, closing it afterwards.
-func listenTB(tb testing.TB, addr string, handle func(c net.Conn)) netip.AddrPort {
-	tb.Helper()
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				handle(c)
-			}()
-		}
-	}()
-	return addrOf(ln.Addr())
-}
-
-// newBenchCA is newTestCA for benchmarks.
-func newBenchCA(tb testing.TB) *testCA {
-	tb.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{Organization: []string{"proxy bench root"}},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	root, err := x509.ParseCertificate(der)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return &testCA{root: root, key: key, pem: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))}
 }

@@ -36,7 +36,7 @@ type testCA struct {
 	pem  string
 }
 
-func newTestCA(t *testing.T) *testCA {
+func newTestCA(t testing.TB) *testCA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -219,32 +219,16 @@ func principalPolicy(ns, name string, action security.Action, principal string) 
 
 // echoServer listens on addr and echoes every connection until EOF, then
 // half-closes it.
-func echoServer(t *testing.T, addr string) netip.AddrPort {
-	t.Helper()
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-	return addrOf(ln.Addr())
+func echoServer(t testing.TB, addr string) netip.AddrPort {
+	return serve(t, addr, func(c net.Conn) {
+		io.Copy(c, c)
+		c.(*net.TCPConn).CloseWrite()
+	})
 }
 
 // serve accepts connections on a fresh loopback listener at addr and hands
 // each to handle, as the in-pod manager does.
-func serve(t *testing.T, addr string, handle func(c net.Conn)) netip.AddrPort {
+func serve(t testing.TB, addr string, handle func(c net.Conn)) netip.AddrPort {
 	t.Helper()
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
