@@ -458,19 +458,7 @@ func TestProbeSNATInKernel(t *testing.T) {
 	for _, ec := range engineCases() {
 		t.Run(ec.name, func(t *testing.T) {
 			skipUnlessSupported(t, ec)
-			tn := newTestNet(t)
-			pod := Pod{UID: randomUID(t), Namespace: "test", Name: "pod", IPs: []netip.Addr{pod4, pod6}}
-			eng := ec.new()
-			t.Cleanup(func() { _ = eng.Remove(tn.pod, pod) })
-			outbound := listen(t, tn.pod, OutboundPort, ZtunnelMark, ec.transparent)
-			inbound := listen(t, tn.pod, InboundPlaintextPort, ZtunnelMark, false)
-			app := listen(t, tn.pod, appPort, 0, false)
-			if err := eng.Install(tn.pod, pod); err != nil {
-				t.Fatalf("install: %v", err)
-			}
-			if err := ec.register(pod, outbound, inbound); err != nil {
-				t.Fatalf("registering stand-in sockets: %v", err)
-			}
+			tn, _, _, _, inbound, app := installedPod(t, ec)
 
 			onNode := func(fn func() error) {
 				t.Helper()
@@ -510,4 +498,25 @@ func TestProbeSNATInKernel(t *testing.T) {
 			}
 		})
 	}
+}
+
+// installedPod makes a test net with ec's engine installed for a pod, the
+// ztunnel stand-in's outbound and inbound listeners registered with it, and
+// an app listening on appPort; the engine is removed at cleanup.
+func installedPod(t *testing.T, ec engineCase) (tn *testNet, pod Pod, eng Engine, outbound, inbound, app *net.TCPListener) {
+	t.Helper()
+	tn = newTestNet(t)
+	pod = Pod{UID: randomUID(t), Namespace: "test", Name: "pod", IPs: []netip.Addr{pod4, pod6}}
+	eng = ec.new()
+	t.Cleanup(func() { _ = eng.Remove(tn.pod, pod) })
+	outbound = listen(t, tn.pod, OutboundPort, ZtunnelMark, ec.transparent)
+	inbound = listen(t, tn.pod, InboundPlaintextPort, ZtunnelMark, false)
+	app = listen(t, tn.pod, appPort, 0, false)
+	if err := eng.Install(tn.pod, pod); err != nil {
+		t.Fatalf("install: %v", err)
+	}
+	if err := ec.register(pod, outbound, inbound); err != nil {
+		t.Fatalf("registering stand-in sockets: %v", err)
+	}
+	return tn, pod, eng, outbound, inbound, app
 }

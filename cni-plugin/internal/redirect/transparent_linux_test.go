@@ -90,19 +90,7 @@ func TestTransparentSourceInKernel(t *testing.T) {
 	for _, ec := range engineCases() {
 		t.Run(ec.name, func(t *testing.T) {
 			skipUnlessSupported(t, ec)
-			tn := newTestNet(t)
-			pod := Pod{UID: randomUID(t), Namespace: "test", Name: "pod", IPs: []netip.Addr{pod4, pod6}}
-			eng := ec.new()
-			t.Cleanup(func() { _ = eng.Remove(tn.pod, pod) })
-			outbound := listen(t, tn.pod, OutboundPort, ZtunnelMark, ec.transparent)
-			inbound := listen(t, tn.pod, InboundPlaintextPort, ZtunnelMark, false)
-			app := listen(t, tn.pod, appPort, 0, false)
-			if err := eng.Install(tn.pod, pod); err != nil {
-				t.Fatalf("install: %v", err)
-			}
-			if err := ec.register(pod, outbound, inbound); err != nil {
-				t.Fatalf("registering stand-in sockets: %v", err)
-			}
+			tn, pod, eng, outbound, inbound, app := installedPod(t, ec)
 			capture := map[string]*net.TCPListener{"outbound": outbound, "inbound": inbound}
 
 			for _, tc := range []struct {
