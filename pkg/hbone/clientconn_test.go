@@ -987,24 +987,13 @@ func TestClientPadding(t *testing.T) {
 // over an in-memory pipe: it must never panic, and once the server hangs
 // up the connection and every stream must end.
 func FuzzClientConn(f *testing.F) {
-	var b bytes.Buffer
-	fr := http2.NewFramer(&b, nil)
-	var hb bytes.Buffer
-	enc := hpack.NewEncoder(&hb)
-	block := func(kv ...string) []byte {
-		hb.Reset()
-		for i := 0; i < len(kv); i += 2 {
-			enc.WriteField(hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
-		}
-		return append([]byte(nil), hb.Bytes()...)
-	}
+	sd := newFrameSeeder()
+	fr, block := sd.fr, sd.block
 	seed := func(write func()) {
-		b.Reset()
-		hb.Reset()
-		enc = hpack.NewEncoder(&hb)
+		sd.reset()
 		fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 100}, http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 10})
 		write()
-		f.Add(append([]byte(nil), b.Bytes()...))
+		f.Add(sd.bytes())
 	}
 	seed(func() {})
 	seed(func() {

@@ -472,22 +472,13 @@ func TestIdleConnectionsAreClosedByTheServer(t *testing.T) {
 // server connection over an in-memory pipe: it must never panic, and once
 // the client hangs up the connection and every stream must end.
 func FuzzServerConn(f *testing.F) {
-	var b bytes.Buffer
-	fr := http2.NewFramer(&b, nil)
-	var hb bytes.Buffer
-	enc := hpack.NewEncoder(&hb)
-	block := func(kv ...string) []byte {
-		hb.Reset()
-		for i := 0; i < len(kv); i += 2 {
-			enc.WriteField(hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
-		}
-		return append([]byte(nil), hb.Bytes()...)
-	}
+	sd := newFrameSeeder()
+	fr, block := sd.fr, sd.block
 	seed := func(write func()) {
-		b.Reset()
+		sd.reset()
 		fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 100})
 		write()
-		f.Add(append([]byte(nil), b.Bytes()...))
+		f.Add(sd.bytes())
 	}
 	seed(func() {})
 	seed(func() {
@@ -563,3 +554,37 @@ func pipeHandler(_ context.Context, req *Request) (net.Conn, int) {
 	}()
 	return a, 200
 }
+
+// frameSeeder writes HTTP/2 frames, with header blocks from its own hpack
+// encoder, into the seed corpora of the connection fuzzers.
+type frameSeeder struct {
+	b, hb bytes.Buffer
+	fr    *http2.Framer
+	enc   *hpack.Encoder
+}
+
+func newFrameSeeder() *frameSeeder {
+	sd := &frameSeeder{}
+	sd.fr = http2.NewFramer(&sd.b, nil)
+	sd.enc = hpack.NewEncoder(&sd.hb)
+	return sd
+}
+
+// block returns the header block of the name/value pairs kv.
+func (sd *frameSeeder) block(kv ...string) []byte {
+	sd.hb.Reset()
+	for i := 0; i < len(kv); i += 2 {
+		sd.enc.WriteField(hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
+	}
+	return append([]byte(nil), sd.hb.Bytes()...)
+}
+
+// reset starts a seed: no frames, a fresh hpack table.
+func (sd *frameSeeder) reset() {
+	sd.b.Reset()
+	sd.hb.Reset()
+	sd.enc = hpack.NewEncoder(&sd.hb)
+}
+
+// bytes returns a copy of the frames written since reset.
+func (sd *frameSeeder) bytes() []byte { return append([]byte(nil), sd.b.Bytes()...) }
