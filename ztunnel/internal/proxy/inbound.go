@@ -131,7 +131,9 @@ func (p *Proxy) hboneHandler(pod *Pod) hbone.Handler {
 // policy on source IPs (ipBlocks, notIpBlocks), the access log and the
 // metrics see the client, and the app is connected from its address.
 // Otherwise (no header, an address the state does not know, another
-// identity's address) the TCP peer is the client, logged at debug.
+// identity's address) the TCP peer is the client, logged at debug. An
+// address the state does not know yet is waited for up to StateWait, as a
+// client pod that has just started may be.
 func (p *Proxy) hboneSource(ctx context.Context, pod *Pod, dst *state.Workload, req *hbone.Request) (netip.AddrPort, *state.Workload) {
 	peer := netip.AddrPortFrom(req.PeerAddr.Addr().Unmap(), req.PeerAddr.Port())
 	identity := req.Peer.String()
@@ -139,7 +141,7 @@ func (p *Proxy) hboneSource(ctx context.Context, pod *Pod, dst *state.Workload, 
 	var why string
 	if !req.ForwardedFor.IsValid() {
 		why = "no forwarded address"
-	} else if w := p.cfg.State.WorkloadByIP(network(dst), fwd.Addr()); w == nil {
+	} else if w := p.awaitWorkload(ctx, func() *state.Workload { return p.cfg.State.WorkloadByIP(network(dst), fwd.Addr()) }); w == nil {
 		why = "no workload has the forwarded address"
 	} else if w.Identity != identity {
 		// Waypoints (not implemented yet): the destination ztunnel sees the

@@ -169,7 +169,14 @@ func (p *Proxy) podWorkload(pod *Pod, addr netip.Addr) *state.Workload {
 // awaitPodWorkload is podWorkload, waiting up to StateWait for a pod the
 // state does not hold yet.
 func (p *Proxy) awaitPodWorkload(ctx context.Context, pod *Pod, addr netip.Addr) *state.Workload {
-	if w := p.podWorkload(pod, addr); w != nil {
+	return p.awaitWorkload(ctx, func() *state.Workload { return p.podWorkload(pod, addr) })
+}
+
+// awaitWorkload returns what lookup finds in the state, waiting up to
+// StateWait while it finds nothing: a workload that has just started may
+// reach ztunnel before its xDS update does.
+func (p *Proxy) awaitWorkload(ctx context.Context, lookup func() *state.Workload) *state.Workload {
+	if w := lookup(); w != nil {
 		return w
 	}
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.StateWait)
@@ -181,7 +188,7 @@ func (p *Proxy) awaitPodWorkload(ctx context.Context, pod *Pod, addr netip.Addr)
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
-			if w := p.podWorkload(pod, addr); w != nil {
+			if w := lookup(); w != nil {
 				return w
 			}
 		}

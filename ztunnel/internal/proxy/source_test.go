@@ -333,3 +333,32 @@ func TestSourceIPPoliciesSeeTheValidatedClient(t *testing.T) {
 		})
 	}
 }
+
+// A client pod that has just started can reach the destination ztunnel
+// before its xDS update does: its forwarded address is waited for (up to
+// StateWait) and then believed.
+func TestHBONEClientOfAWorkloadNotYetInTheStateIsWaitedFor(t *testing.T) {
+	m := newSourceMesh(t)
+	m.proxy.cfg.StateWait = 5 * time.Second
+	lateIP := netip.MustParseAddr("10.1.0.7")
+	go func() {
+		time.Sleep(200 * time.Millisecond)
+		m.apply(workloadapi.AddressTypeURL, workload("a", "late", "client", lateIP.String()))
+	}()
+	c, err := m.connect(t, mustID("spiffe://cluster.local/ns/a/sa/client"), netip.AddrPortFrom(lateIP, 40000))
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	got, err := roundTrip(c, "hello")
+	c.Close()
+	if err != nil || got != "hello" {
+		t.Fatalf("echo = %q, %v; want hello", got, err)
+	}
+	src := m.accessLog(t)["src"].(map[string]any)
+	if got := fmt.Sprint(src["addr"]); got != netip.AddrPortFrom(lateIP, 40000).String() {
+		t.Errorf("access log src.addr = %v, want the late client's %v", got, lateIP)
+	}
+	if srcs := m.dialSources(); len(srcs) != 1 || srcs[0] != lateIP {
+		t.Errorf("app dialed from %v, want %v", srcs, lateIP)
+	}
+}
