@@ -175,23 +175,9 @@ type EBPFReport struct {
 // Describe implements Engine.
 func (e *EBPF) Describe(netnsPath string, pod Pod) (any, error) {
 	report := EBPFReport{Engine: EngineEBPF}
-	err := Do(netnsPath, func(ns.NetNS) error {
-		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-		if err != nil {
-			return fmt.Errorf("opening netlink: %w", err)
-		}
-		defer h.Close()
-		rules, routes, err := listRouting(h)
-		if err != nil {
-			return err
-		}
-		for _, r := range rules {
-			report.Rules = append(report.Rules, formatRule(r))
-		}
-		for _, r := range routes {
-			report.Routes = append(report.Routes, formatRoute(h, r))
-		}
-		return nil
+	err := Do(netnsPath, func(ns.NetNS) (err error) {
+		report.Rules, report.Routes, err = describeRouting()
+		return err
 	})
 	if err == nil {
 		report.Program, err = e.bpf().Status(pod.UID)
@@ -378,6 +364,27 @@ func removeRouting() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// describeRouting lists the engines' rules and routes in the current netns,
+// formatted for a report.
+func describeRouting() (rules, routes []string, err error) {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening netlink: %w", err)
+	}
+	defer h.Close()
+	rs, rts, err := listRouting(h)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, r := range rs {
+		rules = append(rules, formatRule(r))
+	}
+	for _, r := range rts {
+		routes = append(routes, formatRoute(h, r))
+	}
+	return rules, routes, nil
 }
 
 // listRouting returns the rules at the engines' priorities that point at the

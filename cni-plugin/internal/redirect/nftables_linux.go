@@ -9,7 +9,6 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -117,22 +116,8 @@ func (e *NFTables) Describe(netnsPath string, pod Pod) (any, error) {
 		if err != nil {
 			return err
 		}
-		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-		if err != nil {
-			return fmt.Errorf("opening netlink: %w", err)
-		}
-		defer h.Close()
-		rules, routes, err := listRouting(h)
-		if err != nil {
-			return err
-		}
-		for _, r := range rules {
-			report.Rules = append(report.Rules, formatRule(r))
-		}
-		for _, r := range routes {
-			report.Routes = append(report.Routes, formatRoute(h, r))
-		}
-		return nil
+		report.Rules, report.Routes, err = describeRouting()
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("describing nftables redirection for pod %s/%s: %w", pod.Namespace, pod.Name, err)
