@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -221,16 +222,11 @@ func (p *Proxy) authorizeHBONE(ctx context.Context, pod *Pod, dst *state.Workloa
 // inbound listener, to the application once L4 policy allows it for a peer
 // without identity. It closes c when done.
 func (p *Proxy) Inbound(pod *Pod, c net.Conn, origDst netip.AddrPort) {
-	defer c.Close()
-	if !p.track(c) {
-		resetOnClose(c)
+	st, end := p.carry(pod, c, func(s *podConnStats) *atomic.Int64 { return &s.inbound })
+	if st == nil {
 		return
 	}
-	defer p.untrack(c)
-	st := p.podStats(pod.UID)
-	st.inbound.Add(1)
-	st.total.Add(1)
-	defer st.inbound.Add(-1)
+	defer end()
 
 	client := addrOf(c.RemoteAddr())
 	origDst = netip.AddrPortFrom(origDst.Addr().Unmap(), origDst.Port())

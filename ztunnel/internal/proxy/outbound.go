@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -18,16 +19,11 @@ import (
 // and redirected to the pod's outbound listener, to where the mesh says it
 // goes. It closes c when done.
 func (p *Proxy) Outbound(pod *Pod, c net.Conn, origDst netip.AddrPort) {
-	defer c.Close()
-	if !p.track(c) {
-		resetOnClose(c)
+	st, end := p.carry(pod, c, func(s *podConnStats) *atomic.Int64 { return &s.outbound })
+	if st == nil {
 		return
 	}
-	defer p.untrack(c)
-	st := p.podStats(pod.UID)
-	st.outbound.Add(1)
-	st.total.Add(1)
-	defer st.outbound.Add(-1)
+	defer end()
 
 	client := addrOf(c.RemoteAddr())
 	srcID, err := p.podID(pod)

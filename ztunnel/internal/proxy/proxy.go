@@ -215,6 +215,27 @@ func (p *Proxy) untrack(c net.Conn) {
 	p.wg.Done()
 }
 
+// carry takes on c, a connection accepted for pod: it tracks c and counts
+// it in pod's stats, in total and open in the gauge open picks. It returns
+// the stats and end, which undoes that and closes c; when the proxy is
+// closed it resets c and returns nil stats.
+func (p *Proxy) carry(pod *Pod, c net.Conn, open func(*podConnStats) *atomic.Int64) (st *podConnStats, end func()) {
+	if !p.track(c) {
+		resetOnClose(c)
+		c.Close()
+		return nil, nil
+	}
+	st = p.podStats(pod.UID)
+	gauge := open(st)
+	gauge.Add(1)
+	st.total.Add(1)
+	return st, func() {
+		gauge.Add(-1)
+		p.untrack(c)
+		c.Close()
+	}
+}
+
 // podStats returns uid's counters, creating them.
 func (p *Proxy) podStats(uid string) *podConnStats {
 	p.mu.Lock()
