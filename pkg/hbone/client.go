@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ambient-mesh/ambient/pkg/sockio"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
@@ -232,6 +233,7 @@ func (p *Pool) dial(ctx context.Context, pc *poolConn, clientTLS *tls.Config) {
 		pc.err = fmt.Errorf("dialing hbone %s: %w", addr, err)
 		return
 	}
+	raw = sockio.Wrap(raw)
 	conf := clientTLS.Clone()
 	conf.MinVersion = tls.VersionTLS13
 	conf.NextProtos = []string{alpnH2}

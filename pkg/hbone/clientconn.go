@@ -299,7 +299,7 @@ func (cc *clientConn) processData(f *http2.DataFrame) error {
 	}
 	cc.mu.Unlock()
 	cc.creditConn(drop)
-	if wake {
+	if wake && !cc.deliver(st) {
 		st.wake()
 	}
 	if pad > 0 {
@@ -753,6 +753,27 @@ func (cs *clientStream) Read(b []byte) (int, error) {
 		<-cs.ready
 		cc.mu.Lock()
 	}
+}
+
+// WriteTo writes what the server sends to w until the stream ends (nil)
+// or fails, as Read would return it; io.Copy uses it. When w takes bytes
+// without waiting (sockio.Conn), the connection's reader goroutine writes
+// most of them itself.
+func (cs *clientStream) WriteTo(w io.Writer) (int64, error) {
+	cs.readMu.Lock()
+	defer cs.readMu.Unlock()
+	cc := cs.cc
+	start := cs.sunk.Load()
+	err := cc.drain(&cs.h2stream, w, func() error {
+		switch {
+		case cs.closedErr != nil:
+			return cs.closedErr
+		case cs.rExpired:
+			return os.ErrDeadlineExceeded
+		}
+		return nil
+	})
+	return cs.sunk.Load() - start, err
 }
 
 // Write sends b as DATA frames from the caller's goroutine, waiting only

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -137,6 +138,20 @@ type h2stream struct {
 	sendErr    error     // while set, waiting sends fail with it (a passed write deadline)
 
 	wclosed bool // guarded by h2conn.wmu: END_STREAM or RST_STREAM written
+
+	sink   tryWriter    // guarded by h2conn.mu; where drain writes, when it takes bytes without waiting
+	sinkMu sync.Mutex   // held while writing received data to the sink (drain, deliver)
+	sunk   atomic.Int64 // bytes drain and deliver wrote
+}
+
+// tryWriter writes what it can of p at once, without waiting for room
+// (sockio.Conn). A stream drained into one has its data written by the
+// connection's reader goroutine itself (deliver), rather than by the
+// drain's goroutine, woken for every frame: at a request per frame, that
+// hand-over and the thread the scheduler woke for it cost more than the
+// write.
+type tryWriter interface {
+	TryWrite(p []byte) (int, error)
 }
 
 func (c *h2conn) init(raw net.Conn, tc transport, streamWindow, connWindow int32) {
@@ -354,6 +369,120 @@ func releaseRecv(chunks []*[]byte) {
 		*b = (*b)[:0]
 		recvBufPool.Put(b)
 	}
+}
+
+// drain writes what st receives to w until the stream's data ends (nil)
+// or it fails. stopped, called with c.mu held, gives a reason to stop
+// early besides the stream's own error (nil: none).
+func (c *h2conn) drain(st *h2stream, w io.Writer, stopped func() error) error {
+	if tw, ok := w.(tryWriter); ok {
+		c.mu.Lock()
+		st.sink = tw
+		c.mu.Unlock()
+		defer func() {
+			st.sinkMu.Lock() // a delivery in progress finishes first
+			c.mu.Lock()
+			st.sink = nil
+			c.mu.Unlock()
+			st.sinkMu.Unlock()
+		}()
+	}
+	var bufs net.Buffers
+	for {
+		st.sinkMu.Lock()
+		c.mu.Lock()
+		if err := st.err; err != nil {
+			c.mu.Unlock()
+			st.sinkMu.Unlock()
+			return err
+		}
+		if stopped != nil {
+			if err := stopped(); err != nil {
+				c.mu.Unlock()
+				st.sinkMu.Unlock()
+				return err // what arrived stays for the next read
+			}
+		}
+		chunks, end := st.takeRecvLocked(), st.recvEnd
+		c.mu.Unlock()
+		if len(chunks) > 0 {
+			bufs = bufs[:0]
+			n := 0
+			for _, b := range chunks {
+				bufs = append(bufs, *b)
+				n += len(*b)
+			}
+			// One writev for everything pending, when w is a socket.
+			wn, werr := bufs.WriteTo(w)
+			st.sunk.Add(wn)
+			st.sinkMu.Unlock()
+			releaseRecv(chunks)
+			if werr != nil {
+				return werr
+			}
+			c.credit(st, int32(n))
+			continue
+		}
+		st.sinkMu.Unlock()
+		if end {
+			return nil
+		}
+		<-st.ready
+	}
+}
+
+// deliver writes what st received to its sink, on the connection's reader
+// goroutine, as far as the sink takes it without waiting and drain is not
+// writing. It reports whether it left nothing for drain to do; the end of
+// the stream is always left to drain.
+func (c *h2conn) deliver(st *h2stream) bool {
+	if !st.sinkMu.TryLock() {
+		return false // drain is writing; it takes the data next
+	}
+	defer st.sinkMu.Unlock()
+	c.mu.Lock()
+	sink := st.sink
+	if sink == nil || st.err != nil || st.recvEnd {
+		c.mu.Unlock()
+		return false
+	}
+	chunks := st.takeRecvLocked()
+	c.mu.Unlock()
+
+	written, i := 0, 0
+	for ; i < len(chunks); i++ {
+		b := chunks[i]
+		n, err := sink.TryWrite(*b)
+		written += n
+		if n < len(*b) || err != nil {
+			// The rest waits for drain, which also meets the error.
+			*b = append((*b)[:0], (*b)[n:]...)
+			break
+		}
+	}
+	st.sunk.Add(int64(written))
+	releaseRecv(chunks[:i])
+	rest := chunks[i:]
+	var dropped int32
+	if len(rest) > 0 {
+		c.mu.Lock()
+		if st.err != nil {
+			// Ended meanwhile: the data is dropped, its window given back.
+			for _, b := range rest {
+				dropped += int32(len(*b))
+			}
+			releaseRecv(rest)
+		} else {
+			// Only this goroutine queues data, so nothing came after.
+			st.recv = append(rest, st.recv...)
+		}
+		c.mu.Unlock()
+	}
+	c.creditConn(dropped)
+	if written > 0 {
+		c.credit(st, int32(written))
+	}
+	return len(rest) == 0
 }
 
 func (st *h2stream) wake() {

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ambient-mesh/ambient/pkg/sockio"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/net/http2"
@@ -227,7 +228,7 @@ func (s *Server) serveConn(c net.Conn) {
 	defer s.untrack(c)
 	defer c.Close()
 
-	bt := newBatchedTLS(c, s.tlsConf, tls.Server)
+	bt := newBatchedTLS(sockio.Wrap(c), s.tlsConf, tls.Server)
 	tc := bt.Conn
 	deadline := time.Now().Add(s.opts.HandshakeTimeout)
 	hctx, cancel := context.WithDeadline(s.ctx, deadline)

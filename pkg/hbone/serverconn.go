@@ -259,7 +259,7 @@ func (sc *serverConn) processData(f *http2.DataFrame) error {
 	drop, pad, wake, err := sc.dataLocked(f, st)
 	sc.mu.Unlock()
 	sc.creditConn(drop)
-	if wake {
+	if wake && !sc.deliver(st) {
 		st.wake()
 	}
 	if pad > 0 {
@@ -448,37 +448,10 @@ func (st *serverStream) isReset() bool {
 // toUpstream writes what the client sends to up and half-closes up at the
 // end of the request body.
 func (st *serverStream) toUpstream(up net.Conn) error {
-	sc := st.sc
-	var bufs net.Buffers
-	for {
-		sc.mu.Lock()
-		chunks, end, err := st.takeRecvLocked(), st.recvEnd, st.err
-		sc.mu.Unlock()
-		if err != nil {
-			releaseRecv(chunks)
-			return err
-		}
-		if len(chunks) > 0 {
-			bufs = bufs[:0]
-			n := 0
-			for _, b := range chunks {
-				bufs = append(bufs, *b)
-				n += len(*b)
-			}
-			// One writev for everything pending, when up is a socket.
-			_, werr := bufs.WriteTo(up)
-			releaseRecv(chunks)
-			if werr != nil {
-				return werr
-			}
-			sc.credit(&st.h2stream, int32(n))
-			continue
-		}
-		if end {
-			return closeWrite(up)
-		}
-		<-st.ready
+	if err := st.sc.drain(&st.h2stream, up, nil); err != nil {
+		return err
 	}
+	return closeWrite(up)
 }
 
 // fromUpstream sends what up sends as DATA frames, and END_STREAM at its

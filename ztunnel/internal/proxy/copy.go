@@ -5,6 +5,8 @@ import (
 	"io"
 	"net"
 	"sync"
+
+	"github.com/ambient-mesh/ambient/pkg/sockio"
 )
 
 // copyChunk is how many bytes one direction copies between two updates of
@@ -41,20 +43,38 @@ func pipe(a, b net.Conn, toB, toA func(int)) error {
 
 // copyHalf copies src to dst, then half-closes dst.
 func copyHalf(dst, src net.Conn, count func(int)) error {
+	if _, isTCP := tcpConn(src); !isTCP {
+		if wt, ok := src.(io.WriterTo); ok {
+			// An HBONE stream writes what it receives itself, most of it
+			// from its connection's reader goroutine when dst is a socket
+			// that takes bytes without waiting.
+			_, err := wt.WriteTo(countingWriter(dst, count))
+			if err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					return nil // the other direction aborted; it reports why
+				}
+				return err
+			}
+			return closeWrite(dst)
+		}
+	}
 	// Between two sockets *net.TCPConn.ReadFrom splices a LimitedReader
 	// over a TCP connection and needs no buffer. Otherwise its ReadFrom
 	// would allocate a buffer of its own for every chunk: hide it, and copy
 	// through a pooled one.
 	w := io.Writer(dst)
+	r := io.Reader(src)
 	var buf []byte
-	if !splices(dst, src) {
+	if d, s, ok := splices(dst, src); ok {
+		w, r = d, s
+	} else {
 		w = struct{ io.Writer }{dst}
 		bp := copyBufs.Get().(*[]byte)
 		defer copyBufs.Put(bp)
 		buf = *bp
 	}
 	for {
-		n, err := io.CopyBuffer(w, &io.LimitedReader{R: src, N: copyChunk}, buf)
+		n, err := io.CopyBuffer(w, &io.LimitedReader{R: r, N: copyChunk}, buf)
 		if count != nil && n > 0 {
 			count(int(n))
 		}
@@ -70,11 +90,61 @@ func copyHalf(dst, src net.Conn, count func(int)) error {
 	}
 }
 
-// splices reports whether the kernel can move bytes from src to dst.
-func splices(dst, src net.Conn) bool {
-	_, d := dst.(*net.TCPConn)
-	_, s := src.(*net.TCPConn)
-	return d && s
+// countingWriter is w, counting what is written to it with count (nil:
+// w itself). It keeps w's TryWrite, if w has one.
+func countingWriter(w io.Writer, count func(int)) io.Writer {
+	if count == nil {
+		return w
+	}
+	if tw, ok := w.(tryWriter); ok {
+		return &countingTryWriter{tw: tw, countingWriterOnly: countingWriterOnly{w: w, count: count}}
+	}
+	return &countingWriterOnly{w: w, count: count}
+}
+
+type tryWriter interface {
+	TryWrite(p []byte) (int, error)
+}
+
+type countingWriterOnly struct {
+	w     io.Writer
+	count func(int)
+}
+
+func (c *countingWriterOnly) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.count(n)
+	return n, err
+}
+
+type countingTryWriter struct {
+	countingWriterOnly
+	tw tryWriter
+}
+
+func (c *countingTryWriter) TryWrite(p []byte) (int, error) {
+	n, err := c.tw.TryWrite(p)
+	c.count(n)
+	return n, err
+}
+
+// splices returns the sockets under dst and src when the kernel can move
+// bytes from one to the other.
+func splices(dst, src net.Conn) (d, s *net.TCPConn, ok bool) {
+	d, dok := tcpConn(dst)
+	s, sok := tcpConn(src)
+	return d, s, dok && sok
+}
+
+// tcpConn returns the TCP socket c is, or wraps for faster reads and writes.
+func tcpConn(c net.Conn) (*net.TCPConn, bool) {
+	switch c := c.(type) {
+	case *net.TCPConn:
+		return c, true
+	case *sockio.Conn:
+		return c.TCP(), true
+	}
+	return nil, false
 }
 
 // closeWrite half-closes c when it can, and closes it otherwise.

@@ -16,6 +16,7 @@ import (
 
 	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/pkg/hbone"
+	"github.com/ambient-mesh/ambient/pkg/sockio"
 	"github.com/ambient-mesh/ambient/ztunnel/inpod"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/policy"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/state"
@@ -44,7 +45,7 @@ func (p *Proxy) HBONE(pod *Pod, c net.Conn) {
 		c.Close()
 		return
 	}
-	hc := &heldConn{Conn: c, closed: make(chan struct{})}
+	hc := &heldConn{Conn: sockio.Wrap(c), closed: make(chan struct{})}
 	if !s.ln.push(hc) {
 		resetOnClose(c)
 		c.Close()
@@ -119,7 +120,7 @@ func (p *Proxy) hboneHandler(pod *Pod) hbone.Handler {
 			return nil, http.StatusServiceUnavailable
 		}
 		st.hbone.Add(1)
-		return &meteredConn{Conn: up, rec: rec, done: func() { st.hbone.Add(-1) }}, http.StatusOK
+		return &meteredConn{Conn: sockio.Wrap(up), rec: rec, done: func() { st.hbone.Add(-1) }}, http.StatusOK
 	}
 }
 
@@ -222,6 +223,7 @@ func (p *Proxy) authorizeHBONE(ctx context.Context, pod *Pod, dst *state.Workloa
 // inbound listener, to the application once L4 policy allows it for a peer
 // without identity. It closes c when done.
 func (p *Proxy) Inbound(pod *Pod, c net.Conn, origDst netip.AddrPort) {
+	c = sockio.Wrap(c)
 	st, end := p.carry(pod, c, func(s *podConnStats) *atomic.Int64 { return &s.inbound })
 	if st == nil {
 		return
@@ -370,6 +372,18 @@ func (c *meteredConn) Read(b []byte) (int, error) {
 
 func (c *meteredConn) Write(b []byte) (int, error) {
 	n, err := c.Conn.Write(b)
+	c.rec.AddReceived(n)
+	return n, err
+}
+
+// TryWrite writes what the application's socket takes of b without
+// waiting (see sockio.Conn.TryWrite); nothing when it cannot tell.
+func (c *meteredConn) TryWrite(b []byte) (int, error) {
+	tw, ok := c.Conn.(tryWriter)
+	if !ok {
+		return 0, nil
+	}
+	n, err := tw.TryWrite(b)
 	c.rec.AddReceived(n)
 	return n, err
 }

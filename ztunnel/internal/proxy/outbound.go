@@ -12,6 +12,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ambient-mesh/ambient/pkg/hbone"
+	"github.com/ambient-mesh/ambient/pkg/sockio"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/telemetry"
 )
 
@@ -19,6 +20,7 @@ import (
 // and redirected to the pod's outbound listener, to where the mesh says it
 // goes. It closes c when done.
 func (p *Proxy) Outbound(pod *Pod, c net.Conn, origDst netip.AddrPort) {
+	c = sockio.Wrap(c)
 	st, end := p.carry(pod, c, func(s *podConnStats) *atomic.Int64 { return &s.outbound })
 	if st == nil {
 		return
@@ -96,7 +98,7 @@ func (p *Proxy) connect(ctx context.Context, pod *Pod, srcID spiffeid.ID, r rout
 		if err != nil {
 			return nil, fmt.Errorf("%s to %s: %w", r.kind, r.dial, err)
 		}
-		return up, nil
+		return sockio.Wrap(up), nil
 	}
 	return nil, fmt.Errorf("unknown route kind %d", r.kind)
 }

@@ -348,7 +348,7 @@ func addrOf(a net.Addr) netip.AddrPort {
 // resetOnClose makes the next Close send a RST, as a refused connection
 // should end.
 func resetOnClose(c net.Conn) {
-	if tc, ok := c.(*net.TCPConn); ok {
+	if tc, ok := tcpConn(c); ok {
 		tc.SetLinger(0)
 	}
 }
