@@ -20,10 +20,13 @@ E2E_TIMEOUT ?= 30m
 
 all: build
 
-## build: our binaries into _output/bin
+## build: our binaries into _output/bin, static (CGO_ENABLED=0): they run on
+## any node, and ztunnel does not map libc (~1.4 MiB of its resident memory).
+## grpcnotrace leaves out gRPC's request tracing (golang.org/x/net/trace and
+## the template packages): 2.2 MB less code for ztunnel to page in.
 build:
 	@mkdir -p $(AMBIENT_BIN)
-	go build -o $(AMBIENT_BIN)/ ./e2e/cmd/... ./istiod-lite/cmd/... ./cni-plugin/cmd/... ./ztunnel/cmd/...
+	CGO_ENABLED=0 go build -tags grpcnotrace -o $(AMBIENT_BIN)/ ./e2e/cmd/... ./istiod-lite/cmd/... ./cni-plugin/cmd/... ./ztunnel/cmd/...
 
 ## build-deps: Kubernetes binaries and CNI plugins from the Go module proxy (cached)
 build-deps:
