@@ -4,6 +4,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"syscall"
 	"unsafe"
 )
@@ -14,6 +15,22 @@ import (
 type Conn struct {
 	*net.TCPConn
 	rc syscall.RawConn
+
+	// The calls RawConn makes are bound once (readFn, writeFn) and keep
+	// their arguments and results here: closures made per call would be
+	// allocated on every read and write.
+	rmu    sync.Mutex // held by Read, guards the r fields
+	rbuf   []byte
+	rn     int
+	rerrno syscall.Errno
+	readFn func(fd uintptr) bool
+
+	wmu     sync.Mutex // held by Write and TryWrite, guards the w fields
+	wbuf    []byte
+	wn      int
+	werrno  syscall.Errno
+	wwait   bool
+	writeFn func(fd uintptr) bool
 }
 
 // Wrap returns c as a *Conn when it is a non-blocking *net.TCPConn (every
@@ -35,7 +52,9 @@ func Wrap(c net.Conn) net.Conn {
 		// A raw call on a blocking socket would stall the scheduler.
 		return c
 	}
-	return &Conn{TCPConn: tc, rc: rc}
+	w := &Conn{TCPConn: tc, rc: rc}
+	w.readFn, w.writeFn = w.read, w.write
+	return w
 }
 
 // TCP returns the wrapped connection (for splicing between two sockets).
@@ -47,23 +66,12 @@ func (c *Conn) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	var (
-		n     int
-		errno syscall.Errno
-	)
-	err := c.rc.Read(func(fd uintptr) bool {
-		for {
-			r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
-			switch e {
-			case syscall.EINTR:
-				continue
-			case syscall.EAGAIN:
-				return false // wait in the poller, then try again
-			}
-			n, errno = int(r), e
-			return true
-		}
-	})
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	c.rbuf, c.rn, c.rerrno = p, 0, 0
+	err := c.rc.Read(c.readFn)
+	n, errno := c.rn, c.rerrno
+	c.rbuf = nil
 	switch {
 	case err != nil:
 		return 0, c.opError("read", err)
@@ -75,37 +83,40 @@ func (c *Conn) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// read is RawConn.Read's callback: false waits in the poller and calls
+// again.
+func (c *Conn) read(fd uintptr) bool {
+	for {
+		r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&c.rbuf[0])), uintptr(len(c.rbuf)))
+		switch e {
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false
+		}
+		c.rn, c.rerrno = int(r), e
+		return true
+	}
+}
+
 // Write writes all of p unless an error stops it, like net.Conn.Write.
-func (c *Conn) Write(p []byte) (int, error) { return c.write(p, true) }
+func (c *Conn) Write(p []byte) (int, error) { return c.writeAll(p, true) }
 
 // TryWrite writes what the socket takes of p now, without waiting for
 // room: fewer than len(p) bytes, none included, when its send buffer is
 // full.
-func (c *Conn) TryWrite(p []byte) (int, error) { return c.write(p, false) }
+func (c *Conn) TryWrite(p []byte) (int, error) { return c.writeAll(p, false) }
 
-func (c *Conn) write(p []byte, wait bool) (int, error) {
-	var (
-		n     int
-		errno syscall.Errno
-	)
-	err := c.rc.Write(func(fd uintptr) bool {
-		for n < len(p) {
-			r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&p[n])), uintptr(len(p)-n))
-			switch e {
-			case 0:
-				n += int(r)
-			case syscall.EINTR:
-			case syscall.EAGAIN:
-				// The send buffer is full: wait for room in the poller,
-				// or leave the rest to the caller.
-				return !wait
-			default:
-				errno = e
-				return true
-			}
-		}
-		return true
-	})
+func (c *Conn) writeAll(p []byte, wait bool) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.wbuf, c.wn, c.werrno, c.wwait = p, 0, 0, wait
+	err := c.rc.Write(c.writeFn)
+	n, errno := c.wn, c.werrno
+	c.wbuf = nil
 	switch {
 	case err != nil:
 		return n, c.opError("write", err)
@@ -113,6 +124,27 @@ func (c *Conn) write(p []byte, wait bool) (int, error) {
 		return n, c.opError("write", os.NewSyscallError("write", errno))
 	}
 	return n, nil
+}
+
+// write is RawConn.Write's callback: false waits in the poller and calls
+// again, with what was written kept in wn.
+func (c *Conn) write(fd uintptr) bool {
+	for c.wn < len(c.wbuf) {
+		r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&c.wbuf[c.wn])), uintptr(len(c.wbuf)-c.wn))
+		switch e {
+		case 0:
+			c.wn += int(r)
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			// The send buffer is full: wait for room in the poller, or
+			// leave the rest to the caller.
+			return !c.wwait
+		default:
+			c.werrno = e
+			return true
+		}
+	}
+	return true
 }
 
 // opError describes err as net does for op on this connection. The

@@ -168,3 +168,19 @@ func TestWrapLeavesOtherConnections(t *testing.T) {
 		t.Fatal("TCP() is nil")
 	}
 }
+
+func TestReadAndWriteDoNotAllocate(t *testing.T) {
+	c, s := pair(t)
+	buf := make([]byte, 64)
+	allocs := testing.AllocsPerRun(100, func() {
+		if _, err := c.Write(buf); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(s, buf); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs > 0 {
+		t.Fatalf("%.1f allocations per write and read, want none", allocs)
+	}
+}
