@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ambient-mesh/ambient/pkg/sockio"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
@@ -72,7 +73,7 @@ const (
 var (
 	// dataBufPool holds a server stream's upstream reads, with room for a
 	// frame header in front.
-	dataBufPool = sync.Pool{New: func() any { b := make([]byte, frameHeaderLen+dataChunk); return &b }}
+	dataBufPool = &sockio.SyncPool{Pool: sync.Pool{New: func() any { b := make([]byte, frameHeaderLen+dataChunk); return &b }}}
 	// sendBufPool holds a client stream's DATA frames while one Write
 	// sends them: dataChunk of payload in at most two frames, as no peer
 	// announces frames smaller than 16 KiB.

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ambient-mesh/ambient/pkg/sockio"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
@@ -457,14 +458,16 @@ func (st *serverStream) toUpstream(up net.Conn) error {
 // fromUpstream sends what up sends as DATA frames, and END_STREAM at its
 // end. Each read lands after room for a frame header, so a frame is
 // written without copying.
+//
+// A socket upstream (sockio) lends the buffer only while it has data, so
+// a stream waiting for its upstream holds none.
 func (st *serverStream) fromUpstream(up net.Conn) error {
-	bp := dataBufPool.Get().(*[]byte)
-	defer dataBufPool.Put(bp)
-	buf := *bp
 	for {
-		n, rerr := up.Read(buf[frameHeaderLen:])
+		bp, n, rerr := sockio.ReadPooled(up, dataBufPool, frameHeaderLen)
 		if n > 0 {
-			if err := st.sc.writeData(st, buf, n); err != nil {
+			err := st.sc.writeData(st, *bp, n)
+			dataBufPool.Put(bp)
+			if err != nil {
 				return err
 			}
 		}

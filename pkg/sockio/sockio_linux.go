@@ -19,11 +19,15 @@ type Conn struct {
 	// The calls RawConn makes are bound once (readFn, writeFn) and keep
 	// their arguments and results here: closures made per call would be
 	// allocated on every read and write.
-	rmu    sync.Mutex // held by Read, guards the r fields
-	rbuf   []byte
-	rn     int
-	rerrno syscall.Errno
-	readFn func(fd uintptr) bool
+	rmu          sync.Mutex // held by Read and ReadPooled, guards the r fields
+	rbuf         []byte
+	rn           int
+	rerrno       syscall.Errno
+	readFn       func(fd uintptr) bool
+	rpool        Pool    // ReadPooled's
+	rpbuf        *[]byte // ReadPooled's buffer, nil while waiting
+	roff         int
+	readPooledFn func(fd uintptr) bool
 
 	wmu     sync.Mutex // held by Write and TryWrite, guards the w fields
 	wbuf    []byte
@@ -53,7 +57,7 @@ func Wrap(c net.Conn) net.Conn {
 		return c
 	}
 	w := &Conn{TCPConn: tc, rc: rc}
-	w.readFn, w.writeFn = w.read, w.write
+	w.readFn, w.writeFn, w.readPooledFn = w.read, w.write, w.readPooled
 	return w
 }
 
@@ -92,6 +96,57 @@ func (c *Conn) read(fd uintptr) bool {
 		case syscall.EINTR:
 			continue
 		case syscall.EAGAIN:
+			return false
+		}
+		c.rn, c.rerrno = int(r), e
+		return true
+	}
+}
+
+// ReadPooled reads like Read, into (*buf)[off:] of a buffer it takes from
+// pool only once the socket has data: while it waits for data it holds no
+// buffer. It returns the buffer with n bytes read after off, which the
+// caller gives back to pool, or a nil buffer with n 0 and the error
+// (io.EOF at the peer's end).
+func (c *Conn) ReadPooled(pool Pool, off int) (buf *[]byte, n int, err error) {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	c.rpool, c.roff, c.rn, c.rerrno = pool, off, 0, 0
+	rerr := c.rc.Read(c.readPooledFn)
+	buf, n, errno := c.rpbuf, c.rn, c.rerrno
+	c.rpool, c.rpbuf = nil, nil
+	switch {
+	case rerr != nil:
+		err = c.opError("read", rerr)
+	case errno != 0:
+		err = c.opError("read", os.NewSyscallError("read", errno))
+	case n == 0:
+		err = io.EOF
+	}
+	if err != nil {
+		if buf != nil {
+			pool.Put(buf)
+		}
+		return nil, 0, err
+	}
+	return buf, n, nil
+}
+
+// readPooled is ReadPooled's callback: it gives the buffer back before
+// returning false, to wait in the poller.
+func (c *Conn) readPooled(fd uintptr) bool {
+	if c.rpbuf == nil {
+		c.rpbuf = c.rpool.Get()
+	}
+	p := (*c.rpbuf)[c.roff:]
+	for {
+		r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+		switch e {
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			c.rpool.Put(c.rpbuf)
+			c.rpbuf = nil
 			return false
 		}
 		c.rn, c.rerrno = int(r), e

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -182,5 +184,87 @@ func TestReadAndWriteDoNotAllocate(t *testing.T) {
 	})
 	if allocs > 0 {
 		t.Fatalf("%.1f allocations per write and read, want none", allocs)
+	}
+}
+
+// syncPool is a Pool of 1 KiB buffers that counts what is lent out.
+type syncPool struct {
+	p   sync.Pool
+	out atomic.Int32
+}
+
+func (p *syncPool) Get() *[]byte {
+	p.out.Add(1)
+	if b, ok := p.p.Get().(*[]byte); ok {
+		return b
+	}
+	b := make([]byte, 1024)
+	return &b
+}
+
+func (p *syncPool) Put(b *[]byte) {
+	p.out.Add(-1)
+	p.p.Put(b)
+}
+
+func TestReadPooledHoldsNoBufferWhileWaiting(t *testing.T) {
+	c, s := pair(t)
+	pool := &syncPool{}
+	type result struct {
+		buf *[]byte
+		n   int
+		err error
+	}
+	results := make(chan result, 1)
+	go func() {
+		buf, n, err := c.ReadPooled(pool, 8)
+		results <- result{buf, n, err}
+	}()
+	time.Sleep(30 * time.Millisecond) // ReadPooled found nothing and waits
+	if out := pool.out.Load(); out != 0 {
+		t.Fatalf("%d buffers lent while waiting for data, want none", out)
+	}
+	s.Write([]byte("hello"))
+	r := <-results
+	if r.err != nil || r.n != 5 || string((*r.buf)[8:8+r.n]) != "hello" {
+		t.Fatalf("ReadPooled: %d bytes %v", r.n, r.err)
+	}
+	if out := pool.out.Load(); out != 1 {
+		t.Fatalf("%d buffers lent with the data, want 1", out)
+	}
+	pool.Put(r.buf)
+
+	// The peer's end: io.EOF, nothing lent.
+	s.CloseWrite()
+	buf, n, err := c.ReadPooled(pool, 0)
+	if buf != nil || n != 0 || err != io.EOF {
+		t.Fatalf("ReadPooled at the end: %v %d %v", buf, n, err)
+	}
+	if out := pool.out.Load(); out != 0 {
+		t.Fatalf("%d buffers lent after the end", out)
+	}
+	// Deadlines work as for Read.
+	c2, _ := pair(t)
+	c2.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	if _, _, err := c2.ReadPooled(pool, 0); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("ReadPooled past the deadline: %v", err)
+	}
+	if out := pool.out.Load(); out != 0 {
+		t.Fatalf("%d buffers lent after a timeout", out)
+	}
+}
+
+func TestReadPooledFallsBackToRead(t *testing.T) {
+	pool := &syncPool{}
+	buf, n, err := ReadPooled(bytes.NewReader([]byte("abc")), pool, 2)
+	if err != nil || n != 3 || string((*buf)[2:5]) != "abc" {
+		t.Fatalf("ReadPooled over a plain reader: %d %v", n, err)
+	}
+	pool.Put(buf)
+	if _, _, err := ReadPooled(bytes.NewReader(nil), pool, 0); err != io.EOF {
+		t.Fatalf("at the end: %v", err)
+	}
+	if out := pool.out.Load(); out != 0 {
+		t.Fatalf("%d buffers still lent", out)
 	}
 }

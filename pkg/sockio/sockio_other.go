@@ -15,3 +15,8 @@ func (c *Conn) TCP() *net.TCPConn { return c.TCPConn }
 
 // TryWrite writes nothing: Conn is not made here.
 func (c *Conn) TryWrite(p []byte) (int, error) { return 0, nil }
+
+// ReadPooled reads into a buffer from pool, taken before the read.
+func (c *Conn) ReadPooled(pool Pool, off int) (*[]byte, int, error) {
+	return ReadPooled(c.TCPConn, pool, off)
+}

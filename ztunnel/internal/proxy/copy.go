@@ -19,7 +19,7 @@ const copyChunk = 1 << 20
 // (hbone's maxReadFrame), so each read leaves as one frame.
 const copyBufSize = 32 << 10
 
-var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+var copyBufs = &sockio.SyncPool{Pool: sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}}
 
 // pipe copies a to b and b to a until both directions end. The end of one
 // direction is passed on as a half-close of the other side; an error in one
@@ -41,51 +41,60 @@ func pipe(a, b net.Conn, toB, toA func(int)) error {
 	return errors.Join(err, <-errs)
 }
 
-// copyHalf copies src to dst, then half-closes dst.
+// copyHalf copies src to dst, then half-closes dst. An error that only
+// says the other direction closed both ends (net.ErrClosed) is not
+// reported: that direction reports why.
 func copyHalf(dst, src net.Conn, count func(int)) error {
-	if _, isTCP := tcpConn(src); !isTCP {
-		if wt, ok := src.(io.WriterTo); ok {
-			// An HBONE stream writes what it receives itself, most of it
-			// from its connection's reader goroutine when dst is a socket
-			// that takes bytes without waiting.
-			_, err := wt.WriteTo(countingWriter(dst, count))
-			if err != nil {
-				if errors.Is(err, net.ErrClosed) {
-					return nil // the other direction aborted; it reports why
-				}
+	err := copyOneWay(dst, src, count)
+	if err == nil {
+		return closeWrite(dst)
+	}
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+func copyOneWay(dst, src net.Conn, count func(int)) error {
+	if d, s, ok := splices(dst, src); ok {
+		// Between two sockets *net.TCPConn.ReadFrom splices a
+		// LimitedReader over a TCP connection: the kernel moves the bytes.
+		for {
+			n, err := io.Copy(d, &io.LimitedReader{R: s, N: copyChunk})
+			if count != nil && n > 0 {
+				count(int(n))
+			}
+			if err != nil || n < copyChunk {
 				return err
 			}
-			return closeWrite(dst)
 		}
 	}
-	// Between two sockets *net.TCPConn.ReadFrom splices a LimitedReader
-	// over a TCP connection and needs no buffer. Otherwise its ReadFrom
-	// would allocate a buffer of its own for every chunk: hide it, and copy
-	// through a pooled one.
-	w := io.Writer(dst)
-	r := io.Reader(src)
-	var buf []byte
-	if d, s, ok := splices(dst, src); ok {
-		w, r = d, s
-	} else {
-		w = struct{ io.Writer }{dst}
-		bp := copyBufs.Get().(*[]byte)
-		defer copyBufs.Put(bp)
-		buf = *bp
+	if wt, ok := src.(io.WriterTo); ok && !isSocket(src) {
+		// An HBONE stream writes what it receives itself, most of it from
+		// its connection's reader goroutine when dst is a socket that
+		// takes bytes without waiting.
+		_, err := wt.WriteTo(countingWriter(dst, count))
+		return err
 	}
+	// Through a pooled buffer, which a socket src lends only while it has
+	// data: a connection waiting for its client holds none.
 	for {
-		n, err := io.CopyBuffer(w, &io.LimitedReader{R: r, N: copyChunk}, buf)
-		if count != nil && n > 0 {
-			count(int(n))
-		}
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil // the other direction aborted; it reports why
+		bp, n, rerr := sockio.ReadPooled(src, copyBufs, 0)
+		if n > 0 {
+			w, werr := dst.Write((*bp)[:n])
+			copyBufs.Put(bp)
+			if count != nil && w > 0 {
+				count(w)
 			}
-			return err
+			if werr != nil {
+				return werr
+			}
 		}
-		if n < copyChunk {
-			return closeWrite(dst)
+		if rerr == io.EOF {
+			return nil
+		}
+		if rerr != nil {
+			return rerr
 		}
 	}
 }
@@ -134,6 +143,13 @@ func splices(dst, src net.Conn) (d, s *net.TCPConn, ok bool) {
 	d, dok := tcpConn(dst)
 	s, sok := tcpConn(src)
 	return d, s, dok && sok
+}
+
+// isSocket reports whether c is a TCP socket (whose WriteTo would copy
+// through a buffer of its own).
+func isSocket(c net.Conn) bool {
+	_, ok := tcpConn(c)
+	return ok
 }
 
 // tcpConn returns the TCP socket c is, or wraps for faster reads and writes.

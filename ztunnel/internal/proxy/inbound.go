@@ -376,6 +376,14 @@ func (c *meteredConn) Write(b []byte) (int, error) {
 	return n, err
 }
 
+// ReadPooled reads from the application like Read, into a buffer from
+// pool that it holds only while there is data (see sockio.ReadPooled).
+func (c *meteredConn) ReadPooled(pool sockio.Pool, off int) (*[]byte, int, error) {
+	bp, n, err := sockio.ReadPooled(c.Conn, pool, off)
+	c.rec.AddSent(n)
+	return bp, n, err
+}
+
 // TryWrite writes what the application's socket takes of b without
 // waiting (see sockio.Conn.TryWrite); nothing when it cannot tell.
 func (c *meteredConn) TryWrite(b []byte) (int, error) {
