@@ -440,11 +440,11 @@ func (c *h2conn) deliver(st *h2stream) bool {
 	if !st.sinkMu.TryLock() {
 		return false // drain is writing; it takes the data next
 	}
-	defer st.sinkMu.Unlock()
 	c.mu.Lock()
 	sink := st.sink
 	if sink == nil || st.err != nil || st.recvEnd {
 		c.mu.Unlock()
+		st.sinkMu.Unlock()
 		return false
 	}
 	chunks := st.takeRecvLocked()
@@ -479,6 +479,9 @@ func (c *h2conn) deliver(st *h2stream) bool {
 		}
 		c.mu.Unlock()
 	}
+	// Window updates may wait for the peer to read; drain need not wait
+	// for them.
+	st.sinkMu.Unlock()
 	c.creditConn(dropped)
 	if written > 0 {
 		c.credit(st, int32(written))
