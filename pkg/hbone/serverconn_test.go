@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambient-mesh/ambient/pkg/sockio"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
@@ -482,7 +483,7 @@ func FuzzServerConn(f *testing.F) {
 	}
 	seed(func() {})
 	seed(func() {
-		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block(":method", "CONNECT", ":authority", "10.0.0.1:80"), EndHeaders: true})
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block(":method", "CONNECT", ":authority", "10.0.0.1:81"), EndHeaders: true})
 		fr.WriteData(1, false, []byte("hello"))
 		fr.WriteWindowUpdate(1, 1000)
 		fr.WriteWindowUpdate(0, 1000)
@@ -504,7 +505,20 @@ func FuzzServerConn(f *testing.F) {
 		fr.WritePriority(1, http2.PriorityParam{StreamDep: 3, Weight: 1})
 	})
 
-	s := NewServer(&tls.Config{}, pipeHandler, ServerOptions{Logger: slog.New(slog.DiscardHandler), MaxConcurrentStreams: 8})
+	// Ports 1 mod 4 reach a TCP echo through a sockio socket, so that the
+	// reader writes received data itself (deliver); others as pipeHandler.
+	echo := startEcho(f)
+	handler := func(ctx context.Context, req *Request) (net.Conn, int) {
+		if req.Addr.Port()%4 != 1 {
+			return pipeHandler(ctx, req)
+		}
+		c, err := net.Dial("tcp", echo.String())
+		if err != nil {
+			return nil, 503
+		}
+		return sockio.Wrap(c), 200
+	}
+	s := NewServer(&tls.Config{}, handler, ServerOptions{Logger: slog.New(slog.DiscardHandler), MaxConcurrentStreams: 8})
 	defer s.Close()
 	f.Fuzz(func(t *testing.T, frames []byte) {
 		client, server := net.Pipe()
