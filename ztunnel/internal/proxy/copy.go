@@ -9,13 +9,8 @@ import (
 	"github.com/ambient-mesh/ambient/pkg/sockio"
 )
 
-// copyChunk is how many bytes one direction copies between two updates of
-// its byte counter. Between *net.TCPConn ends the kernel splices each chunk
-// without copying it to user space.
-const copyChunk = 1 << 20
-
 // copyBufSize bounds the user-space buffer of one direction when the ends
-// cannot splice (an HBONE stream). 32 KiB is the HBONE frame size
+// cannot splice (an HBONE stream's app side). 32 KiB is the HBONE frame size
 // (hbone's maxReadFrame), so each read leaves as one frame.
 const copyBufSize = 32 << 10
 
@@ -24,7 +19,9 @@ var copyBufs = &sockio.SyncPool{Pool: sync.Pool{New: func() any { b := make([]by
 // pipe copies a to b and b to a until both directions end. The end of one
 // direction is passed on as a half-close of the other side; an error in one
 // direction aborts both. toB and toA count bytes as they flow (nil to skip).
-// It closes neither connection; the first error is returned.
+// It closes neither connection (an abort closes both); the errors of the
+// directions are returned, but for net.ErrClosed: a direction stopped by
+// an abort, or by the proxy closing its client connection, only says so.
 func pipe(a, b net.Conn, toB, toA func(int)) error {
 	errs := make(chan error, 1)
 	go func() {
@@ -36,38 +33,36 @@ func pipe(a, b net.Conn, toB, toA func(int)) error {
 	}()
 	err := copyHalf(a, b, toA)
 	if err != nil {
+		// Also when only this side was closed (net.ErrClosed): the other
+		// direction may be waiting on a peer that will not end by itself.
 		abort(a, b)
 	}
-	return errors.Join(err, <-errs)
+	return errors.Join(unlessClosed(err), unlessClosed(<-errs))
 }
 
-// copyHalf copies src to dst, then half-closes dst. An error that only
-// says the other direction closed both ends (net.ErrClosed) is not
-// reported: that direction reports why.
-func copyHalf(dst, src net.Conn, count func(int)) error {
-	err := copyOneWay(dst, src, count)
-	if err == nil {
-		return closeWrite(dst)
-	}
+func unlessClosed(err error) error {
 	if errors.Is(err, net.ErrClosed) {
 		return nil
 	}
 	return err
 }
 
+// copyHalf copies src to dst, then half-closes dst.
+func copyHalf(dst, src net.Conn, count func(int)) error {
+	if err := copyOneWay(dst, src, count); err != nil {
+		return err
+	}
+	return closeWrite(dst)
+}
+
 func copyOneWay(dst, src net.Conn, count func(int)) error {
-	if d, s, ok := splices(dst, src); ok {
-		// Between two sockets *net.TCPConn.ReadFrom splices a
-		// LimitedReader over a TCP connection: the kernel moves the bytes.
-		for {
-			n, err := io.Copy(d, &io.LimitedReader{R: s, N: copyChunk})
-			if count != nil && n > 0 {
-				count(int(n))
-			}
-			if err != nil || n < copyChunk {
-				return err
-			}
-		}
+	d, dok := dst.(*sockio.Conn)
+	s, sok := src.(*sockio.Conn)
+	if dok && sok {
+		// Between two sockets the kernel moves the bytes, and each piece
+		// is counted as it passes.
+		_, err := sockio.Splice(d, s, count)
+		return err
 	}
 	if wt, ok := src.(io.WriterTo); ok && !isSocket(src) {
 		// An HBONE stream writes what it receives itself, most of it from
@@ -135,14 +130,6 @@ func (c *countingTryWriter) TryWrite(p []byte) (int, error) {
 	n, err := c.tw.TryWrite(p)
 	c.count(n)
 	return n, err
-}
-
-// splices returns the sockets under dst and src when the kernel can move
-// bytes from one to the other.
-func splices(dst, src net.Conn) (d, s *net.TCPConn, ok bool) {
-	d, dok := tcpConn(dst)
-	s, sok := tcpConn(src)
-	return d, s, dok && sok
 }
 
 // isSocket reports whether c is a TCP socket (whose WriteTo would copy
