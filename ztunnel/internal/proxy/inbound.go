@@ -120,7 +120,7 @@ func (p *Proxy) hboneHandler(pod *Pod) hbone.Handler {
 			return nil, http.StatusServiceUnavailable
 		}
 		st.hbone.Add(1)
-		return &meteredConn{Conn: sockio.Wrap(up), rec: rec, done: func() { st.hbone.Add(-1) }}, http.StatusOK
+		return &meteredConn{Conn: up, rec: rec, done: func() { st.hbone.Add(-1) }}, http.StatusOK
 	}
 }
 
@@ -188,14 +188,23 @@ func (p *Proxy) dialApp(ctx context.Context, pod *Pod, dst *state.Workload, clie
 	case err != nil:
 		why = err.Error()
 	default:
-		return pod.DialFrom(ctx, client, "tcp", app.String())
+		return wrapped(pod.DialFrom(ctx, client, "tcp", app.String()))
 	}
 	if p.cfg.Log.Enabled(ctx, slog.LevelDebug) {
 		p.cfg.Log.LogAttrs(ctx, slog.LevelDebug, "connecting to the app from the pod's own address",
 			slog.String("pod", pod.Namespace+"/"+pod.Name), slog.String("client", client.String()),
 			slog.String("app", app.Addr().String()), slog.String("reason", why))
 	}
-	return pod.Dial(ctx, "tcp", app.String())
+	return wrapped(pod.Dial(ctx, "tcp", app.String()))
+}
+
+// wrapped is a dial's result with its socket read and written through
+// sockio.
+func wrapped(c net.Conn, err error) (net.Conn, error) {
+	if err != nil {
+		return nil, err
+	}
+	return sockio.Wrap(c), nil
 }
 
 // authorizeHBONE decides a CONNECT request to dst (nil when the state does

@@ -94,11 +94,11 @@ func (p *Proxy) connect(ctx context.Context, pod *Pod, srcID spiffeid.ID, r rout
 	case routeDirect, routePassthrough:
 		// From the pod's own namespace, so the destination sees the pod's
 		// address as it would without the mesh.
-		up, err := pod.Dial(ctx, "tcp", r.dial.String())
+		up, err := wrapped(pod.Dial(ctx, "tcp", r.dial.String()))
 		if err != nil {
 			return nil, fmt.Errorf("%s to %s: %w", r.kind, r.dial, err)
 		}
-		return sockio.Wrap(up), nil
+		return up, nil
 	}
 	return nil, fmt.Errorf("unknown route kind %d", r.kind)
 }

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -285,4 +286,30 @@ func closedPort(t *testing.T) uint16 {
 	p := addrOf(ln.Addr()).Port()
 	ln.Close()
 	return p
+}
+
+// Between two sockets the kernel moves the bytes (splice); they are
+// counted as they pass, not once a large chunk has or the connection ends.
+func TestPlaintextBytesAreCountedWhileTheConnectionLives(t *testing.T) {
+	m := newMesh(t)
+	ln := serve(t, "127.0.0.2:0", func(c net.Conn) { m.proxy.Inbound(m.echoPod, c, m.app) })
+	c, err := net.Dial("tcp", ln.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "hello"); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "hello" {
+		t.Fatalf("echo = %q, %v", buf, err)
+	}
+	want := map[string]string{"reporter": "destination", "destination_workload": "echo"}
+	eventually(t, "the destination counts the bytes of the open connection", func() bool {
+		return m.counter("istio_tcp_received_bytes_total", want) == 5 && m.counter("istio_tcp_sent_bytes_total", want) == 5
+	})
+	if n := m.counter("istio_tcp_connections_closed_total", want); n != 0 {
+		t.Fatalf("%v connections closed, want the connection still open", n)
+	}
 }
