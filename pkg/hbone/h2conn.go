@@ -140,19 +140,9 @@ type h2stream struct {
 
 	wclosed bool // guarded by h2conn.wmu: END_STREAM or RST_STREAM written
 
-	sink   tryWriter    // guarded by h2conn.mu; where drain writes, when it takes bytes without waiting
-	sinkMu sync.Mutex   // held while writing received data to the sink (drain, deliver)
-	sunk   atomic.Int64 // bytes drain and deliver wrote
-}
-
-// tryWriter writes what it can of p at once, without waiting for room
-// (sockio.Conn). A stream drained into one has its data written by the
-// connection's reader goroutine itself (deliver), rather than by the
-// drain's goroutine, woken for every frame: at a request per frame, that
-// hand-over and the thread the scheduler woke for it cost more than the
-// write.
-type tryWriter interface {
-	TryWrite(p []byte) (int, error)
+	sink   sockio.TryWriter // guarded by h2conn.mu; where drain writes, when it takes bytes without waiting
+	sinkMu sync.Mutex       // held while writing received data to the sink (drain, deliver)
+	sunk   atomic.Int64     // bytes drain and deliver wrote
 }
 
 func (c *h2conn) init(raw net.Conn, tc transport, streamWindow, connWindow int32) {
@@ -373,10 +363,14 @@ func releaseRecv(chunks []*[]byte) {
 }
 
 // drain writes what st receives to w until the stream's data ends (nil)
-// or it fails. stopped, called with c.mu held, gives a reason to stop
+// or it fails. When w is a sockio.TryWriter, the connection's reader
+// goroutine writes the stream's data itself (deliver) as far as w takes
+// it without waiting, rather than waking drain for every frame: at a
+// request per frame, that hand-over and the thread the scheduler woke for
+// it cost more than the write. stopped, called with c.mu held, gives a reason to stop
 // early besides the stream's own error (nil: none).
 func (c *h2conn) drain(st *h2stream, w io.Writer, stopped func() error) error {
-	if tw, ok := w.(tryWriter); ok {
+	if tw, ok := w.(sockio.TryWriter); ok {
 		c.mu.Lock()
 		st.sink = tw
 		c.mu.Unlock()

@@ -18,6 +18,12 @@ type SyncPool struct{ sync.Pool }
 func (p *SyncPool) Get() *[]byte  { return p.Pool.Get().(*[]byte) }
 func (p *SyncPool) Put(b *[]byte) { p.Pool.Put(b) }
 
+// TryWriter writes what it can of p at once, without waiting for room
+// (Conn.TryWrite); wrappers of a Conn can offer it too.
+type TryWriter interface {
+	TryWrite(p []byte) (int, error)
+}
+
 // PooledReader is what Conn.ReadPooled offers; wrappers of a Conn can
 // offer it too.
 type PooledReader interface {

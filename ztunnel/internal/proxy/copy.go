@@ -100,14 +100,10 @@ func countingWriter(w io.Writer, count func(int)) io.Writer {
 	if count == nil {
 		return w
 	}
-	if tw, ok := w.(tryWriter); ok {
+	if tw, ok := w.(sockio.TryWriter); ok {
 		return &countingTryWriter{tw: tw, countingWriterOnly: countingWriterOnly{w: w, count: count}}
 	}
 	return &countingWriterOnly{w: w, count: count}
-}
-
-type tryWriter interface {
-	TryWrite(p []byte) (int, error)
 }
 
 type countingWriterOnly struct {
@@ -123,7 +119,7 @@ func (c *countingWriterOnly) Write(p []byte) (int, error) {
 
 type countingTryWriter struct {
 	countingWriterOnly
-	tw tryWriter
+	tw sockio.TryWriter
 }
 
 func (c *countingTryWriter) TryWrite(p []byte) (int, error) {

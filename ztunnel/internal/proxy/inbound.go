@@ -396,7 +396,7 @@ func (c *meteredConn) ReadPooled(pool sockio.Pool, off int) (*[]byte, int, error
 // TryWrite writes what the application's socket takes of b without
 // waiting (see sockio.Conn.TryWrite); nothing when it cannot tell.
 func (c *meteredConn) TryWrite(b []byte) (int, error) {
-	tw, ok := c.Conn.(tryWriter)
+	tw, ok := c.Conn.(sockio.TryWriter)
 	if !ok {
 		return 0, nil
 	}
