@@ -313,3 +313,35 @@ func TestPlaintextBytesAreCountedWhileTheConnectionLives(t *testing.T) {
 		t.Fatalf("%v connections closed, want the connection still open", n)
 	}
 }
+
+// Close ends connections that are open and idle in both directions: the
+// client's side is closed, and the app's side, which would wait on the app
+// for ever, is aborted with it. (It used to hang: the direction reading
+// the closed client returned without aborting the other.)
+func TestCloseEndsIdleConnections(t *testing.T) {
+	m := newMesh(t)
+	ln := serve(t, "127.0.0.2:0", func(c net.Conn) { m.proxy.Inbound(m.echoPod, c, m.app) })
+	c, err := net.Dial("tcp", ln.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "hello"); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- m.proxy.Close() }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return while a connection was open and idle")
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := c.Read(buf); err == nil {
+		t.Fatalf("the client read %d bytes after Close, want the connection ended", n)
+	}
+}
