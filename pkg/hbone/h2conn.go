@@ -407,7 +407,9 @@ func (c *h2conn) drain(st *h2stream, w io.Writer, stopped func() error) error {
 				bufs = append(bufs, *b)
 				n += len(*b)
 			}
-			// One writev for everything pending, when w is a socket.
+			// Everything pending at once: one writev when w is a bare
+			// *net.TCPConn, a write per chunk through wrappers (most of
+			// the data went through deliver anyway).
 			wn, werr := bufs.WriteTo(w)
 			st.sunk.Add(wn)
 			st.sinkMu.Unlock()
