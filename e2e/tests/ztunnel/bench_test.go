@@ -55,14 +55,15 @@ func runLoad(b *testing.B, env *kubetest.Env, ns, pod string, args ...string) lo
 }
 
 // BenchmarkMeshVersusNoMesh runs the same loads side by side in one run, from
-// a client on node1 to an echo server on node2, in three namespaces: plain
-// (no mesh), ambient (ztunnel on both nodes), and plain with a haproxy mTLS
-// tunnel pair in between (the external reference, see haproxy_test.go):
-// HTTP with 1 KiB replies at 1,000 rps over 16 connections for 10 s
-// (latency percentiles), and 1 MiB TCP echoes over one connection
-// (throughput). It reports the CPU and resident memory of the destination
-// ztunnel during the HTTP load, and the CPU of both tunnel ends (the two
-// ztunnels, or the two haproxy processes).
+// a client on node1 to an echo server on node2, in four namespaces: plain
+// (no mesh), ambient (ztunnel on both nodes), plain with a haproxy mTLS
+// tunnel pair in between, and plain with one haproxy relaying plain TCP on
+// node2 (the external references, see haproxy_test.go): HTTP with 1 KiB
+// replies at 1,000 rps over 16 connections for 10 s (latency percentiles),
+// and 1 MiB TCP echoes over one connection (throughput). It reports the CPU
+// and resident memory of the destination ztunnel during the HTTP load, and
+// the CPU of the tunnel (both ztunnels, both haproxy processes of the pair,
+// or the relay: one hop without encryption, to set against one ztunnel).
 func BenchmarkMeshVersusNoMesh(b *testing.B) {
 	env := kubetest.Get(b)
 	type side struct {
@@ -70,7 +71,7 @@ func BenchmarkMeshVersusNoMesh(b *testing.B) {
 		target    string
 		tcpTarget string
 	}
-	sides := []*side{{name: "nomesh"}, {name: "mesh"}, {name: "haproxy"}}
+	sides := []*side{{name: "nomesh"}, {name: "mesh"}, {name: "haproxy"}, {name: "relay"}}
 	for _, s := range sides {
 		labels := map[string]string(nil)
 		if s.name == "mesh" {
@@ -82,8 +83,11 @@ func BenchmarkMeshVersusNoMesh(b *testing.B) {
 		far := env.WaitPodReady(b, s.ns, "far", 30*time.Second)
 		env.WaitPodReady(b, s.ns, "client", 30*time.Second)
 		ip := far.Status.PodIP
-		if s.name == "haproxy" {
+		switch s.name {
+		case "haproxy":
 			ip = setupHaproxyPair(b, env, s.ns, ip)
+		case "relay":
+			ip = setupHaproxyRelay(b, env, s.ns, ip)
 		}
 		s.target = fmt.Sprintf("http://%s:%d/?size=1024", ip, kubetest.EchoHTTPPort)
 		s.tcpTarget = fmt.Sprintf("%s:9000", ip)
@@ -100,8 +104,8 @@ func BenchmarkMeshVersusNoMesh(b *testing.B) {
 			switch s.name {
 			case "mesh":
 				cpu0 = [2]float64{series(b, node1, "process_cpu_seconds_total"), series(b, node2, "process_cpu_seconds_total")}
-			case "haproxy":
-				cpu0[0] = haproxyCPUSeconds(b)
+			case "haproxy", "relay":
+				cpu0[0] = haproxyCPUSeconds(b, haproxyProcesses[s.name]...)
 			}
 			http := runLoad(b, env, s.ns, "client", "--mode", "http", "--target", s.target, "--rate", "1000", "--duration", "10s", "--connections", "16")
 			secs := float64(http.ElapsedNs) / 1e9
@@ -113,8 +117,8 @@ func BenchmarkMeshVersusNoMesh(b *testing.B) {
 				r.ztCPU = dst / secs
 				r.ztRSS = series(b, node2, "process_resident_memory_bytes") / (1 << 20)
 				r.cpu = (src + dst) / secs
-			case "haproxy":
-				r.cpu = (haproxyCPUSeconds(b) - cpu0[0]) / secs
+			case "haproxy", "relay":
+				r.cpu = (haproxyCPUSeconds(b, haproxyProcesses[s.name]...) - cpu0[0]) / secs
 			}
 			tcp := runLoad(b, env, s.ns, "client", "--mode", "tcp", "--target", s.tcpTarget, "--size", "1048576", "--requests", "200", "--rate", "1000", "--connections", "1")
 			r.echo = float64(tcp.Succeeded) * 2 * 1048576 / (float64(tcp.ElapsedNs) / 1e9) / 1e6
@@ -161,10 +165,16 @@ func BenchmarkMeshVersusNoMesh(b *testing.B) {
 	}
 }
 
-// haproxyCPUSeconds sums the user and system CPU time of the benchmark's
-// haproxy processes, read from /proc (the pods' processes run on this
-// machine).
-func haproxyCPUSeconds(tb testing.TB) float64 {
+// haproxyProcesses names the haproxy pods of each benchmark side.
+var haproxyProcesses = map[string][]string{
+	"haproxy": {"haproxy-client", "haproxy-server"},
+	"relay":   {"haproxy-relay"},
+}
+
+// haproxyCPUSeconds sums the user and system CPU time of the haproxy
+// processes of the named pods (haproxyPod), read from /proc (the pods'
+// processes run on this machine).
+func haproxyCPUSeconds(tb testing.TB, names ...string) float64 {
 	tb.Helper()
 	dirs, err := os.ReadDir("/proc")
 	if err != nil {
@@ -173,7 +183,9 @@ func haproxyCPUSeconds(tb testing.TB) float64 {
 	var ticks float64
 	for _, d := range dirs {
 		cmdline, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
-		if err != nil || !strings.Contains(string(cmdline), "/etc/haproxy/config/haproxy.cfg") {
+		if err != nil || !slices.ContainsFunc(names, func(name string) bool {
+			return strings.Contains(string(cmdline), haproxyConfigDir+name+".cfg\x00")
+		}) {
 			continue
 		}
 		stat, err := os.ReadFile(filepath.Join("/proc", d.Name(), "stat"))

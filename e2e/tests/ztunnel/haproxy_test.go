@@ -22,11 +22,15 @@ import (
 	"github.com/ambient-mesh/ambient/e2e/internal/kubetest"
 )
 
-// The benchmark's external reference: a pair of haproxy instances (Debian's
-// haproxy package, image "haproxy" in e2e/cluster/images.yaml) that carry a
-// plain TCP connection from a client-side pod over TLS 1.3 with client
-// certificates to a server-side pod on the other node, which connects to the
-// app: the same hops as ztunnel's, without HBONE's multiplexing.
+// The benchmark's external references, both Debian's haproxy package (image
+// "haproxy" in e2e/cluster/images.yaml):
+//   - a pair of haproxy instances that carry a plain TCP connection from a
+//     client-side pod over TLS 1.3 with client certificates to a server-side
+//     pod on the other node, which connects to the app: the same hops as
+//     ztunnel's, without HBONE's multiplexing;
+//   - a single haproxy relaying plain TCP on the app's node, no TLS: what one
+//     user-space hop costs on this machine before any encryption or framing,
+//     the floor under one ztunnel end's CPU.
 
 // Ports of the haproxy pair: the client side listens in plaintext on the
 // echo server's ports and the server side on TLS ports.
@@ -130,14 +134,19 @@ backend tcp
 `, haproxyHTTPPort, serverIP, haproxyTLSHTTP, tls, haproxyTCPPort, serverIP, haproxyTLSTCP, tls)
 }
 
-// haproxyPod runs haproxy in the foreground with config, the certificates
-// in the Secret "haproxy-certs", on node.
+// haproxyConfigDir is where haproxyPod mounts its configuration: a process
+// is told by its config file's name in its command line (haproxyCPUSeconds).
+const haproxyConfigDir = "/etc/haproxy/config/"
+
+// haproxyPod runs haproxy in the foreground on node with config, as the
+// file haproxyConfigDir+name+".cfg", and the certificates in the Secret
+// "haproxy-certs" if there is one.
 func haproxyPod(tb testing.TB, env *kubetest.Env, ns, name, node, config string, port int) *corev1.Pod {
 	tb.Helper()
 	ctx := context.Background()
 	if _, err := env.Client.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
-		Data:       map[string]string{"haproxy.cfg": config},
+		Data:       map[string]string{name + ".cfg": config},
 	}, metav1.CreateOptions{}); err != nil {
 		tb.Fatal(err)
 	}
@@ -147,19 +156,19 @@ func haproxyPod(tb testing.TB, env *kubetest.Env, ns, name, node, config string,
 			Containers: []corev1.Container{{
 				Name: "haproxy", Image: "haproxy",
 				// -db: foreground, logs to stderr.
-				Args: []string{"-db", "-f", "/etc/haproxy/config/haproxy.cfg"},
+				Args: []string{"-db", "-f", haproxyConfigDir + name + ".cfg"},
 				ReadinessProbe: &corev1.Probe{
 					ProbeHandler:  corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt(port)}},
 					PeriodSeconds: 1,
 				},
 				VolumeMounts: []corev1.VolumeMount{
-					{Name: "config", MountPath: "/etc/haproxy/config", ReadOnly: true},
+					{Name: "config", MountPath: haproxyConfigDir, ReadOnly: true},
 					{Name: "certs", MountPath: "/etc/haproxy/certs", ReadOnly: true},
 				},
 			}},
 			Volumes: []corev1.Volume{
 				{Name: "config", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{LocalObjectReference: corev1.LocalObjectReference{Name: name}}}},
-				{Name: "certs", VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: "haproxy-certs"}}},
+				{Name: "certs", VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: "haproxy-certs", Optional: ptr(true)}}},
 			},
 			TerminationGracePeriodSeconds: ptr(int64(1)),
 		},
@@ -182,4 +191,27 @@ func setupHaproxyPair(tb testing.TB, env *kubetest.Env, ns, appIP string) string
 	srv := haproxyPod(tb, env, ns, "haproxy-server", "node2", haproxyServerConfig(appIP), haproxyTLSHTTP)
 	cli := haproxyPod(tb, env, ns, "haproxy-client", "node1", haproxyClientConfig(srv.Status.PodIP), haproxyHTTPPort)
 	return cli.Status.PodIP
+}
+
+// haproxyRelayConfig relays plain TCP on the echo server's ports to the app
+// at appIP.
+func haproxyRelayConfig(appIP string) string {
+	return haproxyGlobal + fmt.Sprintf(`frontend http
+  bind :%d
+  default_backend http
+backend http
+  server app %s:%d
+frontend tcp
+  bind :%d
+  default_backend tcp
+backend tcp
+  server app %s:%d
+`, kubetest.EchoHTTPPort, appIP, kubetest.EchoHTTPPort, haproxyTCPPort, appIP, 9000)
+}
+
+// setupHaproxyRelay starts a plain TCP relay in ns on the app's node (node2)
+// in front of the app at appIP and returns the relay's pod IP.
+func setupHaproxyRelay(tb testing.TB, env *kubetest.Env, ns, appIP string) string {
+	tb.Helper()
+	return haproxyPod(tb, env, ns, "haproxy-relay", "node2", haproxyRelayConfig(appIP), kubetest.EchoHTTPPort).Status.PodIP
 }
