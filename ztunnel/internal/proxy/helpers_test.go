@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"math/big"
 	"net"
+	"net/http"
 	"net/netip"
 	"net/url"
 	"strings"
@@ -23,6 +24,7 @@ import (
 
 	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/api/workloadapi"
+	"github.com/ambient-mesh/ambient/pkg/hbone"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/identity"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/state"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/telemetry"
@@ -248,6 +250,28 @@ func serve(t testing.TB, addr string, handle func(c net.Conn)) netip.AddrPort {
 		}
 	}()
 	return addrOf(ln.Addr())
+}
+
+// wantConnect checks what a CONNECT gave: a refusal with wantStatus, or for
+// http.StatusOK a tunnel that carries an exchange with the echo app (and is
+// then closed).
+func wantConnect(t *testing.T, c net.Conn, err error, wantStatus int) {
+	t.Helper()
+	if wantStatus != http.StatusOK {
+		var se *hbone.StatusError
+		if !errors.As(err, &se) || se.Code != wantStatus {
+			t.Fatalf("Connect error = %v, want status %d", err, wantStatus)
+		}
+		return
+	}
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	got, err := roundTrip(c, "hello")
+	c.Close()
+	if err != nil || got != "hello" {
+		t.Fatalf("echo = %q, %v; want hello", got, err)
+	}
 }
 
 // roundTrip sends msg on c, half-closes, and reads the answer until EOF.

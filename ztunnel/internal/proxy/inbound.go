@@ -5,10 +5,12 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -129,13 +131,18 @@ func (p *Proxy) hboneHandler(pod *Pod) hbone.Handler {
 // tunnel is opened from the client's node, so the TCP peer is that node and
 // the client's own address travels in forwarded; but any authenticated peer
 // can write any address there. So forwarded counts only when the state has a
-// workload at that address whose identity is the peer certificate's: then a
-// policy on source IPs (ipBlocks, notIpBlocks), the access log and the
-// metrics see the client, and the app is connected from its address.
-// Otherwise (no header, an address the state does not know, another
-// identity's address) the TCP peer is the client, logged at debug. An
-// address the state does not know yet is waited for up to StateWait, as a
-// client pod that has just started may be.
+// workload at that address and either its identity is the peer
+// certificate's, or the peer is a pod of dst's waypoint (its own or one of
+// its services'; see waypointPeer), which forwards the address of the client
+// it served: our own waypoint runs our code in our trust domain, so, as
+// Istio does, we trust it. Then a policy on source IPs (ipBlocks,
+// notIpBlocks), the access log and the metrics see the client, and the app is
+// connected from its address. Through a waypoint the workload returned is the
+// waypoint's, the authenticated peer, whose identity policy principals still
+// see. Otherwise (no header, an address the state does not know, another
+// identity's address from a peer that is not dst's waypoint) the TCP peer is
+// the client, logged at debug. An address the state does not know yet is
+// waited for up to StateWait, as a client pod that has just started may be.
 func (p *Proxy) hboneSource(ctx context.Context, pod *Pod, dst *state.Workload, req *hbone.Request) (netip.AddrPort, *state.Workload) {
 	peer := netip.AddrPortFrom(req.PeerAddr.Addr().Unmap(), req.PeerAddr.Port())
 	identity := req.Peer.String()
@@ -146,14 +153,11 @@ func (p *Proxy) hboneSource(ctx context.Context, pod *Pod, dst *state.Workload, 
 	} else if w := p.awaitWorkload(ctx, func() *state.Workload { return p.cfg.State.WorkloadByIP(network(dst), fwd.Addr()) }); w == nil {
 		why = "no workload has the forwarded address"
 	} else if w.Identity != identity {
-		// Waypoints (not implemented yet): the destination ztunnel sees the
-		// waypoint as the peer, and the waypoint forwards the address of the
-		// client it served, a workload of another identity. That address is
-		// to be trusted when the peer's identity is that of the waypoint the
-		// state names for dst (or for the service the client addressed): the
-		// waypoint vouches for the client it authenticated itself. Decide it
-		// here, before the fallback below.
-		why = "the forwarded address is a workload of another identity (" + w.Identity + ")"
+		wp, whyNot := waypointPeer(p.cfg.State, dst, identity)
+		if wp != nil {
+			return fwd, wp
+		}
+		why = "the forwarded address is a workload of another identity (" + w.Identity + ") and " + whyNot
 	} else {
 		return fwd, w
 	}
@@ -168,6 +172,74 @@ func (p *Proxy) hboneSource(ctx context.Context, pod *Pod, dst *state.Workload, 
 		return peer, w
 	}
 	return peer, nil
+}
+
+// waypointPeer returns the pod of a waypoint bound to dst, dst's own or that
+// of a service dst belongs to, whose identity is identity (the peer's); or
+// nil, and why not.
+func waypointPeer(st *state.Store, dst *state.Workload, identity string) (*state.Workload, string) {
+	if dst == nil {
+		return nil, "the destination's workload, so its waypoint, is unknown"
+	}
+	bound := false
+	var unknown []string
+	match := func(wp state.Waypoint, ok bool, err error) *state.Workload {
+		switch {
+		case err != nil:
+			unknown = append(unknown, err.Error())
+			return nil
+		case !ok:
+			return nil
+		case wp.Workload == nil && wp.Service == nil:
+			unknown = append(unknown, "waypoint "+wp.Address.String()+" is not a known workload or service")
+			return nil
+		}
+		bound = true
+		return waypointPod(st, wp, identity)
+	}
+	if w := match(st.WorkloadWaypoint(dst)); w != nil {
+		return w, ""
+	}
+	for _, key := range slices.Sorted(maps.Keys(dst.Info.GetServices())) {
+		if svc := st.Service(key); svc != nil {
+			if w := match(st.ServiceWaypoint(svc)); w != nil {
+				return w, ""
+			}
+		}
+	}
+	switch {
+	case len(unknown) > 0:
+		return nil, "the peer is not a pod of a known waypoint of the destination (" + strings.Join(unknown, "; ") + ")"
+	case !bound:
+		return nil, "the destination has no waypoint"
+	}
+	return nil, "the peer is not a pod of the destination's waypoint"
+}
+
+// waypointPod returns the pod of the resolved waypoint wp whose identity is
+// identity, or nil. A waypoint service's pods are its endpoints, which are
+// the same for every port it serves: they are asked for on its HBONE port,
+// else on the ports it lists, as pickWaypointEndpoint does.
+func waypointPod(st *state.Store, wp state.Waypoint, identity string) *state.Workload {
+	if wp.Workload != nil {
+		if wp.Workload.Identity == identity {
+			return wp.Workload
+		}
+		return nil
+	}
+	eps := st.Endpoints(wp.Service, wp.Port)
+	for _, p := range wp.Service.Info.GetPorts() {
+		if len(eps) > 0 {
+			break
+		}
+		eps = st.Endpoints(wp.Service, uint16(p.GetServicePort()))
+	}
+	for _, ep := range eps {
+		if ep.Workload.Identity == identity {
+			return ep.Workload
+		}
+	}
+	return nil
 }
 
 // dialApp connects to the app at app (inside pod) as client, the

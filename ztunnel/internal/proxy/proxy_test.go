@@ -148,21 +148,7 @@ func TestHBONERequestsAreAuthorizedThenConnected(t *testing.T) {
 			key := hbone.Key{Src: m.clientID, Dst: m.echoID, Addr: m.hboneAddr}
 			c, err := pool.Connect(ctx, key, m.certs.ClientTLS(m.clientID, []spiffeid.ID{m.echoID}), tt.authority(m),
 				hbone.Headers{ForwardedFor: netip.MustParseAddrPort("127.0.0.1:40000")})
-			if tt.wantStatus != http.StatusOK {
-				var se *hbone.StatusError
-				if !errors.As(err, &se) || se.Code != tt.wantStatus {
-					t.Fatalf("Connect error = %v, want status %d", err, tt.wantStatus)
-				}
-			} else {
-				if err != nil {
-					t.Fatalf("Connect: %v", err)
-				}
-				got, err := roundTrip(c, "hello")
-				c.Close()
-				if err != nil || got != "hello" {
-					t.Fatalf("echo = %q, %v; want hello", got, err)
-				}
-			}
+			wantConnect(t, c, err, tt.wantStatus)
 			want := map[string]string{"reporter": "destination", "response_flags": tt.wantFlags,
 				"source_principal": m.clientID.String(), "destination_workload": "echo", "connection_security_policy": "mutual_tls"}
 			if tt.wantStatus == http.StatusBadRequest {

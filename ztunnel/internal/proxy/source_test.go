@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -19,6 +18,7 @@ import (
 	"github.com/ambient-mesh/ambient/api/security"
 	"github.com/ambient-mesh/ambient/api/workloadapi"
 	"github.com/ambient-mesh/ambient/pkg/hbone"
+	"github.com/ambient-mesh/ambient/ztunnel/internal/state"
 	"github.com/ambient-mesh/ambient/ztunnel/internal/telemetry"
 )
 
@@ -73,16 +73,23 @@ func newSourceMesh(t *testing.T) *sourceMesh {
 		record(src)
 		return dialer()(ctx, network, addr)
 	}
-	extraAddr := func(ip netip.Addr) wopt {
-		return func(w *workloadapi.Workload) { w.Addresses = append(w.Addresses, ip.AsSlice()) }
-	}
 	m.apply(workloadapi.AddressTypeURL,
 		workload("a", "client", "client", clientIP.String(), extraAddr(clientIP6)),
 		workload("a", "other", "other", otherIP.String()),
 		workload("b", "namesake", "client", namesakeIP.String()),
-		workload("a", "echo", "echo", m.app.Addr().String(), inService(echoKey, 80, uint32(m.app.Port())), extraAddr(echoExtraIP)),
+		m.echo(),
 	)
 	return m
+}
+
+func extraAddr(ip netip.Addr) wopt {
+	return func(w *workloadapi.Workload) { w.Addresses = append(w.Addresses, ip.AsSlice()) }
+}
+
+// echo is the echo pod's workload, with opts.
+func (m *sourceMesh) echo(opts ...wopt) state.Update {
+	opts = append([]wopt{inService(echoKey, 80, uint32(m.app.Port())), extraAddr(echoExtraIP)}, opts...)
+	return workload("a", "echo", "echo", m.app.Addr().String(), opts...)
 }
 
 // connect opens a CONNECT stream to the echo app as id, from sourceNode,
@@ -167,14 +174,7 @@ func TestHBONEClientIsTheForwardedAddressOnlyWhenTheStateVouchesForIt(t *testing
 		t.Run(tt.name, func(t *testing.T) {
 			m := newSourceMesh(t)
 			c, err := m.connect(t, tt.id, tt.fwd)
-			if err != nil {
-				t.Fatalf("Connect: %v", err)
-			}
-			got, err := roundTrip(c, "hello")
-			c.Close()
-			if err != nil || got != "hello" {
-				t.Fatalf("echo = %q, %v; want hello", got, err)
-			}
+			wantConnect(t, c, err, http.StatusOK)
 
 			rec := m.accessLog(t)
 			src := rec["src"].(map[string]any)
@@ -231,14 +231,7 @@ func TestTheAppIsDialedFromTheClientAddressWhereItCanBe(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			m := newSourceMesh(t)
 			c, err := m.connect(t, tt.id, tt.fwd)
-			if err != nil {
-				t.Fatalf("Connect: %v", err)
-			}
-			got, err := roundTrip(c, "hello")
-			c.Close()
-			if err != nil || got != "hello" {
-				t.Fatalf("echo = %q, %v; want hello", got, err)
-			}
+			wantConnect(t, c, err, http.StatusOK)
 			if srcs := m.dialSources(); len(srcs) != 1 || srcs[0] != tt.wantSource {
 				t.Errorf("the app was dialed asking for sources %v, want [%v]", srcs, tt.wantSource)
 			}
@@ -315,21 +308,7 @@ func TestSourceIPPoliciesSeeTheValidatedClient(t *testing.T) {
 			m := newSourceMesh(t)
 			tt.policy(m.mesh)
 			c, err := m.connect(t, tt.id, fromClient)
-			if tt.wantStatus != http.StatusOK {
-				var se *hbone.StatusError
-				if !errors.As(err, &se) || se.Code != tt.wantStatus {
-					t.Fatalf("Connect error = %v, want status %d", err, tt.wantStatus)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatalf("Connect: %v", err)
-			}
-			got, err := roundTrip(c, "hello")
-			c.Close()
-			if err != nil || got != "hello" {
-				t.Fatalf("echo = %q, %v; want hello", got, err)
-			}
+			wantConnect(t, c, err, tt.wantStatus)
 		})
 	}
 }
@@ -346,19 +325,154 @@ func TestHBONEClientOfAWorkloadNotYetInTheStateIsWaitedFor(t *testing.T) {
 		m.apply(workloadapi.AddressTypeURL, workload("a", "late", "client", lateIP.String()))
 	}()
 	c, err := m.connect(t, mustID("spiffe://cluster.local/ns/a/sa/client"), netip.AddrPortFrom(lateIP, 40000))
-	if err != nil {
-		t.Fatalf("Connect: %v", err)
-	}
-	got, err := roundTrip(c, "hello")
-	c.Close()
-	if err != nil || got != "hello" {
-		t.Fatalf("echo = %q, %v; want hello", got, err)
-	}
+	wantConnect(t, c, err, http.StatusOK)
 	src := m.accessLog(t)["src"].(map[string]any)
 	if got := fmt.Sprint(src["addr"]); got != netip.AddrPortFrom(lateIP, 40000).String() {
 		t.Errorf("access log src.addr = %v, want the late client's %v", got, lateIP)
 	}
 	if srcs := m.dialSources(); len(srcs) != 1 || srcs[0] != lateIP {
 		t.Errorf("app dialed from %v, want %v", srcs, lateIP)
+	}
+}
+
+// The waypoint of these tests: a pod of sa waypoint, the one endpoint of
+// service waypointKey. Until a test binds the echo pod or its service to it,
+// it is the waypoint of nothing.
+var (
+	waypointIP = netip.MustParseAddr("10.1.0.5")
+	waypointID = mustID("spiffe://cluster.local/ns/a/sa/waypoint")
+)
+
+const waypointKey = "a/waypoint.a.svc.cluster.local"
+
+func (m *sourceMesh) addWaypoint() {
+	m.apply(workloadapi.AddressTypeURL,
+		workload("a", "waypoint", "waypoint", waypointIP.String(), inService(waypointKey, 15008, 15008)),
+		service("a", "waypoint.a.svc.cluster.local", "10.96.0.9", 15008, 15008),
+	)
+}
+
+// newWaypointMesh is a sourceMesh with the waypoint's pod and service,
+// bound by bind (nil: not bound).
+func newWaypointMesh(t *testing.T, bind func(m *sourceMesh)) *sourceMesh {
+	m := newSourceMesh(t)
+	m.addWaypoint()
+	if bind != nil {
+		bind(m)
+	}
+	return m
+}
+
+// echoWaypoint binds the echo pod to the waypoint g.
+func echoWaypoint(g *workloadapi.GatewayAddress) func(m *sourceMesh) {
+	return func(m *sourceMesh) {
+		m.apply(workloadapi.AddressTypeURL, m.echo(func(w *workloadapi.Workload) { w.Waypoint = g }))
+	}
+}
+
+// echoServiceWaypoint binds the echo pod's service to the waypoint g.
+func echoServiceWaypoint(g *workloadapi.GatewayAddress) func(m *sourceMesh) {
+	return func(m *sourceMesh) {
+		m.apply(workloadapi.AddressTypeURL, service("a", "echo.a.svc.cluster.local", "10.96.0.1", 80, uint32(m.app.Port()),
+			func(s *workloadapi.Service) { s.Waypoint = g }))
+	}
+}
+
+// waypointAddr is a waypoint named by the address of its pod.
+func waypointAddr(ip netip.Addr) *workloadapi.GatewayAddress {
+	return &workloadapi.GatewayAddress{
+		Destination:   &workloadapi.GatewayAddress_Address{Address: &workloadapi.NetworkAddress{Address: ip.AsSlice()}},
+		HboneMtlsPort: 15008,
+	}
+}
+
+func TestHBONEClientForwardedByTheDestinationsWaypointIsBelieved(t *testing.T) {
+	fromClient := netip.AddrPortFrom(clientIP, 40000)
+	tests := []struct {
+		name string
+		bind func(m *sourceMesh) // nil: the echo pod has no waypoint
+		id   spiffeid.ID
+		// wantTrusted: the client is fromClient, of the waypoint's
+		// workload; else the TCP peer, with wantReason logged.
+		wantTrusted bool
+		wantReason  string
+	}{
+		{"the waypoint of the destination pod vouches for the client it served",
+			echoWaypoint(gatewayHost(waypointKey)), waypointID, true, ""},
+		{"a waypoint named by its pod's address vouches for the client it served",
+			echoWaypoint(waypointAddr(waypointIP)), waypointID, true, ""},
+		{"the waypoint of the destination pod's service vouches for the client it served",
+			echoServiceWaypoint(gatewayHost(waypointKey)), waypointID, true, ""},
+		{"a peer that is not the destination's waypoint is not believed",
+			echoWaypoint(gatewayHost(waypointKey)), otherID, false, "the peer is not a pod of the destination's waypoint"},
+		{"a waypoint the destination is not bound to is not believed",
+			nil, waypointID, false, "the destination has no waypoint"},
+		{"a waypoint the state does not know is not believed",
+			echoWaypoint(gatewayHost("a/missing.a.svc.cluster.local")), waypointID, false, "unknown waypoint: service a/missing.a.svc.cluster.local"},
+		{"a waypoint address no workload or service has is not believed",
+			echoWaypoint(waypointAddr(unknownIP)), waypointID, false, "waypoint 10.1.0.9 is not a known workload or service"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := newWaypointMesh(t, tt.bind)
+			c, err := m.connect(t, tt.id, fromClient)
+			wantConnect(t, c, err, http.StatusOK)
+
+			src := m.accessLog(t)["src"].(map[string]any)
+			reasons := m.reasons(t, "hbone client address is the tcp peer")
+			if !tt.wantTrusted {
+				gotSrc, err := netip.ParseAddrPort(fmt.Sprint(src["addr"]))
+				if err != nil || gotSrc.Addr() != sourceNode {
+					t.Errorf("access log src.addr = %v, want the TCP peer %v", src["addr"], sourceNode)
+				}
+				if len(reasons) != 1 || !strings.Contains(reasons[0], tt.wantReason) {
+					t.Errorf("debug reasons %q, want one with %q", reasons, tt.wantReason)
+				}
+				return
+			}
+			if len(reasons) > 0 {
+				t.Errorf("the header was distrusted: %q", reasons)
+			}
+			if got := fmt.Sprint(src["addr"]); got != fromClient.String() {
+				t.Errorf("access log src.addr = %v, want the client's %v", got, fromClient)
+			}
+			if got := fmt.Sprint(src["workload"]); got != "waypoint" {
+				t.Errorf("access log src.workload = %v, want the waypoint's", got)
+			}
+			if got := fmt.Sprint(src["identity"]); got != waypointID.String() {
+				t.Errorf("access log src.identity = %v, want the waypoint's %v", got, waypointID)
+			}
+			if srcs := m.dialSources(); len(srcs) != 1 || srcs[0] != clientIP {
+				t.Errorf("the app was dialed asking for sources %v, want [%v]", srcs, clientIP)
+			}
+		})
+	}
+}
+
+func TestSourceIPPoliciesSeeTheClientOfTheDestinationsWaypoint(t *testing.T) {
+	tests := []struct {
+		name       string
+		bind       func(m *sourceMesh)
+		policy     func(m *mesh)
+		wantStatus int
+	}{
+		{"a DENY of the client's address denies it through the destination pod's waypoint",
+			echoWaypoint(gatewayHost(waypointKey)), sourceIPPolicy("deny-client-ip", security.Action_DENY, clientIP, false), http.StatusUnauthorized},
+		{"a DENY of the client's address denies it through the destination service's waypoint",
+			echoServiceWaypoint(gatewayHost(waypointKey)), sourceIPPolicy("deny-client-ip", security.Action_DENY, clientIP, false), http.StatusUnauthorized},
+		{"an ALLOW of the client's address allows it through the waypoint",
+			echoWaypoint(gatewayHost(waypointKey)), sourceIPPolicy("allow-client-ip", security.Action_ALLOW, clientIP, false), http.StatusOK},
+		{"an ALLOW of the client's address does not allow a waypoint the destination is not bound to claiming it",
+			nil, sourceIPPolicy("allow-client-ip", security.Action_ALLOW, clientIP, false), http.StatusUnauthorized},
+		{"principals still see the waypoint",
+			echoWaypoint(gatewayHost(waypointKey)), deny("a", "deny-waypoint", "cluster.local/ns/a/sa/waypoint"), http.StatusUnauthorized},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := newWaypointMesh(t, tt.bind)
+			tt.policy(m.mesh)
+			c, err := m.connect(t, waypointID, netip.AddrPortFrom(clientIP, 40000))
+			wantConnect(t, c, err, tt.wantStatus)
+		})
 	}
 }
