@@ -217,9 +217,9 @@ func waypointPeer(st *state.Store, dst *state.Workload, identity string) (*state
 }
 
 // waypointPod returns the pod of the resolved waypoint wp whose identity is
-// identity, or nil. A waypoint service's pods are its endpoints, which are
-// the same for every port it serves: they are asked for on its HBONE port,
-// else on the ports it lists, as pickWaypointEndpoint does.
+// identity, or nil. A waypoint service's pods are all the workloads it
+// selects: one that is not ready (draining, say) still forwards for the
+// clients it serves.
 func waypointPod(st *state.Store, wp state.Waypoint, identity string) *state.Workload {
 	if wp.Workload != nil {
 		if wp.Workload.Identity == identity {
@@ -227,16 +227,9 @@ func waypointPod(st *state.Store, wp state.Waypoint, identity string) *state.Wor
 		}
 		return nil
 	}
-	eps := st.Endpoints(wp.Service, wp.Port)
-	for _, p := range wp.Service.Info.GetPorts() {
-		if len(eps) > 0 {
-			break
-		}
-		eps = st.Endpoints(wp.Service, uint16(p.GetServicePort()))
-	}
-	for _, ep := range eps {
-		if ep.Workload.Identity == identity {
-			return ep.Workload
+	for _, w := range st.ServiceWorkloads(wp.Service) {
+		if w.Identity == identity {
+			return w
 		}
 	}
 	return nil

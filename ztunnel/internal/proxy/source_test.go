@@ -347,9 +347,13 @@ const waypointKey = "a/waypoint.a.svc.cluster.local"
 
 func (m *sourceMesh) addWaypoint() {
 	m.apply(workloadapi.AddressTypeURL,
-		workload("a", "waypoint", "waypoint", waypointIP.String(), inService(waypointKey, 15008, 15008)),
+		waypointPodUpdate(),
 		service("a", "waypoint.a.svc.cluster.local", "10.96.0.9", 15008, 15008),
 	)
+}
+
+func waypointPodUpdate(opts ...wopt) state.Update {
+	return workload("a", "waypoint", "waypoint", waypointIP.String(), append(opts, inService(waypointKey, 15008, 15008))...)
 }
 
 // newWaypointMesh is a sourceMesh with the waypoint's pod and service,
@@ -403,6 +407,13 @@ func TestHBONEClientForwardedByTheDestinationsWaypointIsBelieved(t *testing.T) {
 			echoWaypoint(waypointAddr(waypointIP)), waypointID, true, ""},
 		{"the waypoint of the destination pod's service vouches for the client it served",
 			echoServiceWaypoint(gatewayHost(waypointKey)), waypointID, true, ""},
+		{"a pod of the waypoint that is not ready (draining) still vouches for the client it served",
+			func(m *sourceMesh) {
+				echoServiceWaypoint(gatewayHost(waypointKey))(m)
+				m.apply(workloadapi.AddressTypeURL, waypointPodUpdate(func(w *workloadapi.Workload) {
+					w.Status = workloadapi.WorkloadStatus_UNHEALTHY
+				}))
+			}, waypointID, true, ""},
 		{"a peer that is not the destination's waypoint is not believed",
 			echoWaypoint(gatewayHost(waypointKey)), otherID, false, "the peer is not a pod of the destination's waypoint"},
 		{"a waypoint the destination is not bound to is not believed",

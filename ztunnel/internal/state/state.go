@@ -610,6 +610,19 @@ func (s *Store) endpointsLocked(svc *Service, port uint16) []Endpoint {
 	return eps
 }
 
+// ServiceWorkloads returns every workload svc selects, healthy or not,
+// whatever the port, in uid order: the pods of a waypoint's service, say.
+func (s *Store) ServiceWorkloads(svc *Service) []*Workload {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	ws := make([]*Workload, 0, len(s.endpoints[svc.Key]))
+	for uid := range s.endpoints[svc.Key] {
+		ws = append(ws, s.workloads[uid])
+	}
+	slices.SortFunc(ws, func(a, b *Workload) int { return strings.Compare(a.UID(), b.UID()) })
+	return ws
+}
+
 // PickEndpoint chooses the endpoint of svc on port for a connection from src
 // (nil when the source is not a known workload). Candidates are Endpoints;
 // with a routing preference they are narrowed by locality relative to src:

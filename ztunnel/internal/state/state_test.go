@@ -273,6 +273,13 @@ func TestEndpoints(t *testing.T) {
 			}
 		})
 	}
+	var uids []string
+	for _, w := range s.ServiceWorkloads(s.Service("default/echo")) {
+		uids = append(uids, w.UID())
+	}
+	if got := strings.Join(uids, ","); got != "a,b,c" {
+		t.Errorf("ServiceWorkloads = %q, want every selected workload, unhealthy too: a,b,c", got)
+	}
 	if s.ServiceByVIPPort("", netip.MustParseAddr("10.96.0.10"), 82) != nil {
 		t.Error("ServiceByVIPPort matched a port the service does not serve")
 	}
