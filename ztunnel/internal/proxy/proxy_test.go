@@ -274,16 +274,17 @@ func closedPort(t *testing.T) uint16 {
 	return p
 }
 
-// Between two sockets the kernel moves the bytes (splice); they are
-// counted as they pass, not once a large chunk has or the connection ends.
-func TestPlaintextBytesAreCountedWhileTheConnectionLives(t *testing.T) {
-	m := newMesh(t)
+// plaintextEchoed opens a plaintext connection to m's echo pod through its
+// inbound path (closed at the end of the test) and exchanges one message
+// with the app over it, leaving it open both ways.
+func plaintextEchoed(t *testing.T, m *mesh) net.Conn {
+	t.Helper()
 	ln := serve(t, "127.0.0.2:0", func(c net.Conn) { m.proxy.Inbound(m.echoPod, c, m.app) })
 	c, err := net.Dial("tcp", ln.String())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
 	if _, err := io.WriteString(c, "hello"); err != nil {
 		t.Fatal(err)
 	}
@@ -291,6 +292,14 @@ func TestPlaintextBytesAreCountedWhileTheConnectionLives(t *testing.T) {
 	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "hello" {
 		t.Fatalf("echo = %q, %v", buf, err)
 	}
+	return c
+}
+
+// Between two sockets the kernel moves the bytes (splice); they are
+// counted as they pass, not once a large chunk has or the connection ends.
+func TestPlaintextBytesAreCountedWhileTheConnectionLives(t *testing.T) {
+	m := newMesh(t)
+	plaintextEchoed(t, m) // open until the test ends
 	want := map[string]string{"reporter": "destination", "destination_workload": "echo"}
 	eventually(t, "the destination counts the bytes of the open connection", func() bool {
 		return m.counter("istio_tcp_received_bytes_total", want) == 5 && m.counter("istio_tcp_sent_bytes_total", want) == 5
@@ -306,19 +315,7 @@ func TestPlaintextBytesAreCountedWhileTheConnectionLives(t *testing.T) {
 // the closed client returned without aborting the other.)
 func TestCloseEndsIdleConnections(t *testing.T) {
 	m := newMesh(t)
-	ln := serve(t, "127.0.0.2:0", func(c net.Conn) { m.proxy.Inbound(m.echoPod, c, m.app) })
-	c, err := net.Dial("tcp", ln.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if _, err := io.WriteString(c, "hello"); err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, 5)
-	if _, err := io.ReadFull(c, buf); err != nil {
-		t.Fatal(err)
-	}
+	c := plaintextEchoed(t, m)
 	closed := make(chan error, 1)
 	go func() { closed <- m.proxy.Close() }()
 	select {
@@ -327,7 +324,7 @@ func TestCloseEndsIdleConnections(t *testing.T) {
 		t.Fatal("Close did not return while a connection was open and idle")
 	}
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if n, err := c.Read(buf); err == nil {
+	if n, err := c.Read(make([]byte, 5)); err == nil {
 		t.Fatalf("the client read %d bytes after Close, want the connection ended", n)
 	}
 }
